@@ -1,0 +1,142 @@
+"""Runs tasks/gpu in its own interpreter: ``$TRT_PYTHON -m tasks.gpu <verb> request.json response.json``.
+
+The flow never imports tensorrt. Each GPU step is a subprocess in its own process group, which
+gives crash isolation (a segfault or CUDA error kills only that process), a hard timeout (the whole
+group is killed) and clean GPU memory per build. Its stdout and stderr are kept as ``build.log``.
+
+Protocol: the request is a JSON object (see tasks/gpu/__main__.py for each verb's fields); the
+response is ``{"ok": true, ...}`` or ``{"ok": false, "error": {"kind": "model"|"infra", "message",
+"fix", "details"}}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from tasks.errors import InfraError, ModelError, TrtflowError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def trt_python() -> str:
+    """The interpreter that can import tensorrt: setting ``TRT_PYTHON``, default this interpreter."""
+    return os.environ.get("TRT_PYTHON") or sys.executable
+
+
+@dataclass(frozen=True)
+class GpuEnv:
+    """What a GPU worker offers; part of every engine's cache key and manifest."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str  # "9.0"
+    driver: str
+    cuda_runtime: str
+    python: str
+    interpreter: str
+    gpu_uuid: str = ""
+    memory_total_mib: int = 0
+
+    @property
+    def sm(self) -> str:
+        return "sm_" + self.compute_capability.replace(".", "")
+
+    @property
+    def target(self) -> str:
+        """``sm_90-trt8.6.0``: the engine-compatibility part of bucket keys."""
+        return f"{self.sm}-trt{self.tensorrt}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sm"] = self.sm
+        d["target"] = self.target
+        return d
+
+
+@dataclass(frozen=True)
+class GpuCall:
+    """One finished subprocess call."""
+
+    response: dict
+    log_path: Path
+    seconds: float
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_gpu(verb: str, request: dict, workdir: Path, timeout_s: float, log_name: str = "build.log") -> GpuCall:
+    """Run one tasks/gpu verb in a subprocess and return its response.
+
+    Raises:
+        ModelError / InfraError as reported by the subprocess; InfraError when it crashes; ModelError
+        when it runs past ``timeout_s`` (the spec's build.timeout_s says how to raise it).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    req_path, resp_path, log_path = workdir / f"{verb}.request.json", workdir / f"{verb}.response.json", workdir / log_name
+    req_path.write_text(json.dumps(request, indent=2, sort_keys=True))
+    resp_path.unlink(missing_ok=True)
+    interpreter = trt_python()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = [interpreter, "-m", "tasks.gpu", verb, str(req_path), str(resp_path)]
+    start = time.monotonic()
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
+                                    start_new_session=True)
+        except OSError as err:
+            raise InfraError(f"cannot start the GPU interpreter {interpreter!r}: {err}.",
+                             fix="Set TRT_PYTHON to a Python that has tensorrt and pycuda installed.") from None
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            # Kill the whole group: TensorRT's builder may have started helper processes.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise ModelError(f"GPU step '{verb}' ran past its {timeout_s:.0f} s limit and was killed.",
+                             fix="Raise build.timeout_s in trtflow.yaml, or lower build.optimization_level.",
+                             details=[_tail(log_path)])
+    seconds = time.monotonic() - start
+    response = None
+    if resp_path.exists():
+        try:
+            response = json.loads(resp_path.read_text())
+        except ValueError:
+            response = None
+    if response is None:
+        how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+        raise InfraError(f"GPU step '{verb}' crashed ({how}) without a result. Last lines of its log:\n{_tail(log_path)}",
+                         fix="See build.log; a CUDA error or out-of-memory usually clears on a retry or another worker.")
+    if not response.get("ok"):
+        raise TrtflowError.from_dict(response.get("error") or {"kind": "infra", "message": "no error given"})
+    return GpuCall(response, log_path, seconds)
+
+
+def probe_gpu(workdir: Path, timeout_s: float = 300) -> GpuEnv:
+    """Ask the GPU interpreter what it offers. Fails clearly where tensorrt is not importable."""
+    call = run_gpu("probe", {}, workdir, timeout_s, log_name="probe.log")
+    env = call.response["env"]
+    return GpuEnv(**{k: env[k] for k in GpuEnv.__dataclass_fields__ if k in env})
+
+
+def gpu_env_from_dict(data: dict) -> Optional[GpuEnv]:
+    try:
+        return GpuEnv(**{k: data[k] for k in GpuEnv.__dataclass_fields__ if k in data})
+    except TypeError:
+        return None

@@ -1,0 +1,214 @@
+"""Model packages in the bucket and the bucket's key convention (one place for every key).
+
+A package is either a single file ``models/<name>.onnx`` (plus ``models/<name>.onnx.data`` style
+external data beside it) or a folder ``models/<name>/`` holding ``model.onnx`` and optionally its
+external data, ``trtflow.yaml``, ``calibration/`` and ``eval/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional
+from urllib.parse import unquote, urlparse
+
+from tasks.errors import ModelError
+from tasks.spec import SPEC_FILENAME
+from tasks.storage import ObjectInfo, Storage, open_storage, sha256_file
+
+MODELS_PREFIX = "models/"
+ENGINES_PREFIX = "engines/"
+STATUS_PREFIX = "_trtflow/status/"
+CACHE_PREFIX = "_trtflow/"
+FOLDER_MODEL = "model.onnx"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name) or ".." in name:
+        raise ModelError(f"model name {name!r} is not allowed.",
+                         fix="Use letters, digits, '.', '_' and '-' (at most 128, starting with a letter or digit).")
+    return name
+
+
+# ---- keys of the bucket convention -------------------------------------------------------------
+def engine_prefix(name: str, model_sha: str, target: str, precision: str) -> str:
+    """``engines/<name>/<sha[:12]>/<sm_XX>-trt<version>/<precision>/``; ``target`` is ``sm_90-trt8.6.0``."""
+    return f"{ENGINES_PREFIX}{check_name(name)}/{model_sha[:12]}/{target}/{precision}/"
+
+
+def latest_key(name: str) -> str:
+    return f"{ENGINES_PREFIX}{check_name(name)}/latest.json"
+
+
+def status_key(name: str, model_sha: str) -> str:
+    return f"{STATUS_PREFIX}{check_name(name)}/{model_sha[:12] if model_sha else 'unknown'}.json"
+
+
+def timing_cache_key(target: str) -> str:
+    return f"{CACHE_PREFIX}timing-cache/{target}.cache"
+
+
+def qdq_key(name: str, model_sha: str, data_sha: str, method: str) -> str:
+    return f"{CACHE_PREFIX}qdq/{check_name(name)}/{model_sha[:12]}-{data_sha[:12]}-{method}.onnx"
+
+
+def calib_cache_key(name: str, model_sha: str, data_sha: str, target: str) -> str:
+    return f"{CACHE_PREFIX}calibration-cache/{check_name(name)}/{model_sha[:12]}-{data_sha[:12]}-{target}.cache"
+
+
+# ---- packages ----------------------------------------------------------------------------------
+@dataclass
+class ModelPackage:
+    """A model package as listed in the bucket (nothing downloaded)."""
+
+    name: str
+    model_key: str
+    files: List[ObjectInfo] = field(default_factory=list)
+    folder: Optional[str] = None  # "models/<name>/" for folder packages
+
+    def relative(self, key: str) -> str:
+        """The file's path inside the local copy of the package."""
+        if self.folder:
+            return key[len(self.folder):]
+        return PurePosixPath(key).name
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever any file of the package changes (used by the watcher)."""
+        h = hashlib.sha256()
+        for f in sorted(self.files, key=lambda f: f.key):
+            h.update(f"{f.key}\0{f.size}\0{f.etag}\n".encode())
+        return h.hexdigest()
+
+    @property
+    def last_modified(self):
+        return max(f.modified for f in self.files)
+
+
+@dataclass
+class LocalPackage:
+    """A package downloaded to a working folder."""
+
+    name: str
+    root: Path
+    model_path: Path
+    model_sha256: str
+    model_etag: str
+    model_size: int
+    source_uri: str
+
+    @property
+    def spec_path(self) -> Optional[Path]:
+        p = self.root / SPEC_FILENAME
+        return p if p.exists() else None
+
+    def data_dir(self, relative: str) -> Optional[Path]:
+        p = (self.root / relative).resolve()
+        if self.root.resolve() not in p.parents and p != self.root.resolve():
+            raise ModelError(f"data folder {relative!r} points outside the model package.",
+                             fix="Name a folder inside the package, e.g. 'calibration'.")
+        return p if p.is_dir() else None
+
+
+def list_packages(storage: Storage, prefix: str = MODELS_PREFIX) -> List[ModelPackage]:
+    """Every package under ``models/``; objects that fit no package shape are ignored."""
+    singles: Dict[str, ModelPackage] = {}
+    folders: Dict[str, ModelPackage] = {}
+    extras: Dict[str, List[ObjectInfo]] = {}
+    for obj in storage.list(prefix):
+        rest = obj.key[len(prefix):]
+        parts = rest.split("/")
+        if len(parts) == 1:
+            m = re.match(r"^(.+)\.onnx$", rest)
+            if m and NAME_RE.match(m.group(1)):
+                singles[m.group(1)] = ModelPackage(m.group(1), obj.key, [obj])
+            elif ".onnx." in rest:  # external data of a single-file package: <name>.onnx.data
+                extras.setdefault(rest.split(".onnx.")[0], []).append(obj)
+        elif NAME_RE.match(parts[0]):
+            pkg = folders.setdefault(parts[0], ModelPackage(parts[0], f"{prefix}{parts[0]}/{FOLDER_MODEL}",
+                                                            [], folder=f"{prefix}{parts[0]}/"))
+            pkg.files.append(obj)
+    for name, objs in extras.items():
+        if name in singles:
+            singles[name].files.extend(objs)
+    out = list(singles.values())
+    out += [p for p in folders.values() if any(f.key == p.model_key for f in p.files)]
+    return sorted(out, key=lambda p: p.name)
+
+
+def find_package(storage: Storage, name: str) -> ModelPackage:
+    check_name(name)
+    for pkg in list_packages(storage):
+        if pkg.name == name:
+            return pkg
+    raise ModelError(f"no model package named {name!r} under {storage.url(MODELS_PREFIX)}.",
+                     fix=f"Upload models/{name}.onnx or models/{name}/model.onnx.")
+
+
+def fetch_package(storage: Storage, pkg: ModelPackage, workdir: Path) -> LocalPackage:
+    """Download every file of the package into ``workdir/<name>/`` (streamed, each file once)."""
+    root = Path(workdir) / pkg.name
+    root.mkdir(parents=True, exist_ok=True)
+    model_info = None
+    for obj in pkg.files:
+        rel = pkg.relative(obj.key)
+        dest = (root / rel).resolve()
+        if root.resolve() not in dest.parents:
+            raise ModelError(f"package file {obj.key!r} would land outside the package folder.",
+                             fix="Rename the object.")
+        info = storage.download(obj.key, dest)
+        if obj.key == pkg.model_key:
+            model_info = info
+    model_path = root / pkg.relative(pkg.model_key)
+    if model_info is None:
+        raise ModelError(f"{storage.url(pkg.model_key)} is missing.", fix="Upload the model file.")
+    return LocalPackage(pkg.name, root, model_path, sha256_file(model_path), model_info.etag, model_info.size,
+                        storage.url(pkg.model_key))
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    storage_uri: str
+    name: str
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    """Split a model URI or path into (bucket root, package name).
+
+    ``s3://b/p/models/x.onnx``, ``s3://b/p/models/x/`` and ``/dir/models/x/model.onnx`` all work; a
+    local file outside any ``models/`` folder is treated as a single-file package in its own folder.
+    """
+    parsed = urlparse(uri)
+    scheme = parsed.scheme if parsed.scheme in ("s3", "file") else ""
+    if scheme == "s3":
+        path = unquote(parsed.path).strip("/")
+        root_prefix = f"s3://{parsed.netloc}/"
+    else:
+        raw = unquote(parsed.path) if scheme == "file" else uri
+        path = str(Path(raw).resolve()).strip("/")
+        root_prefix = "/"
+    parts = path.split("/") if path else []
+    if "models" in parts:
+        i = len(parts) - 1 - parts[::-1].index("models")
+        rest = parts[i + 1:]
+        root = root_prefix + "/".join(parts[:i])
+        if rest and rest[-1] == FOLDER_MODEL:
+            rest = rest[:-1]
+        if len(rest) == 1:
+            name = rest[0][:-5] if rest[0].endswith(".onnx") else rest[0]
+            return ModelRef(root.rstrip("/") or "/", check_name(name))
+    if scheme == "" and parts and parts[-1].endswith(".onnx"):
+        raise ModelError(f"{uri} is not inside a bucket's models/ folder.",
+                         fix="Put it at <bucket>/models/<name>.onnx (or <bucket>/models/<name>/model.onnx) "
+                             "and pass that path.")
+    raise ModelError(f"cannot tell the model from {uri!r}.",
+                     fix="Pass <bucket>/models/<name>.onnx, <bucket>/models/<name>/ or s3://bucket/models/<name>.onnx.")
+
+
+def open_model(uri: str):
+    """(storage, package) for a model URI."""
+    ref = parse_model_uri(uri)
+    storage = open_storage(ref.storage_uri)
+    return storage, find_package(storage, ref.name)

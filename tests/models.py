@@ -1,0 +1,93 @@
+"""A registry of tiny ONNX models built in code (no model hub is reachable).
+
+Python 3.9-compatible and importing only onnx and numpy: the GPU tests import it under the
+TensorRT interpreter too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8  # TensorRT 8.6's parser reads IR <= 8 models; newer onnx writes 10 by default
+
+
+def _model(graph: onnx.GraphProto, opset: int = OPSET) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="trtflow-tests")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def small_cnn(dynamic_batch: bool = True, num_classes: int = 10, channels: int = 8, size: int = 32,
+              seed: int = 0) -> onnx.ModelProto:
+    """images float32 [N,3,size,size] -> logits float32 [N,num_classes]: Conv-Relu-Conv-Relu-GAP-Gemm."""
+    rng = np.random.default_rng(seed)
+    batch = "N" if dynamic_batch else 1
+    w1 = rng.normal(0, 0.3, (channels, 3, 3, 3)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, (channels,)).astype(np.float32)
+    w2 = rng.normal(0, 0.2, (channels * 2, channels, 3, 3)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, (channels * 2,)).astype(np.float32)
+    wf = rng.normal(0, 0.3, (num_classes, channels * 2)).astype(np.float32)
+    bf = rng.normal(0, 0.1, (num_classes,)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "small_cnn",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, num_classes])],
+        [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", b2), _init("wf", wf), _init("bf", bf)],
+    )
+    return _model(graph)
+
+
+def two_input_model(vocab: int = 50, dim: int = 16, seq: int = 4, seed: int = 1) -> onnx.ModelProto:
+    """features float32 [N,dim] and ids int64 [N,seq] -> out float32 [N,dim].
+
+    out = MatMul(features, W) + mean over seq of Embedding[ids]. Two inputs of different dtypes,
+    including int64 (which TensorRT narrows to int32).
+    """
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(0, 1, (vocab, dim)).astype(np.float32)
+    w = rng.normal(0, 0.5, (dim, dim)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["g"], name="embed", axis=0),
+        helper.make_node("ReduceMean", ["g"], ["gm"], name="pool", axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["features", "w"], ["mm"], name="proj"),
+        helper.make_node("Add", ["mm", "gm"], ["out"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_inputs",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", seq])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", dim])],
+        [_init("emb", emb), _init("w", w)],
+    )
+    return _model(graph)
+
+
+def save(model: onnx.ModelProto, path: Path, external_data: Optional[str] = None) -> Path:
+    """Write ``model`` to ``path``; with ``external_data`` the weights go to that file beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_data, size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
