@@ -13,12 +13,16 @@ class TrtflowError(Exception):
     """Base of every error trtflow raises on purpose."""
 
     kind = "error"
+    retriable = True
 
-    def __init__(self, message: str, *, fix: str | None = None, details: list | None = None):
+    def __init__(self, message: str, *, fix: str | None = None, details: list | None = None,
+                 retriable: bool | None = None):
         super().__init__(message)
         self.message = message
         self.fix = fix
         self.details = list(details or [])
+        if retriable is not None:
+            self.retriable = retriable
 
     def __str__(self) -> str:
         text = self.message
@@ -27,27 +31,33 @@ class TrtflowError(Exception):
         return text
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "message": self.message, "fix": self.fix, "details": self.details}
+        return {"kind": self.kind, "message": self.message, "fix": self.fix, "details": self.details,
+                "retriable": self.retriable}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrtflowError":
         kinds = {"model": ModelError, "infra": InfraError}
         klass = kinds.get(data.get("kind", ""), InfraError)
-        return klass(data.get("message", "unknown error"), fix=data.get("fix"), details=data.get("details"))
+        return klass(data.get("message", "unknown error"), fix=data.get("fix"), details=data.get("details"),
+                     retriable=data.get("retriable"))
 
 
 class ModelError(TrtflowError):
     """The model or its spec is wrong; retrying cannot help."""
 
     kind = "model"
+    retriable = False
 
 
 class InfraError(TrtflowError):
-    """Storage, worker or GPU trouble; worth a retry."""
+    """Storage, worker or GPU trouble; worth a retry unless ``retriable=False`` (a misconfigured
+    worker, e.g. no TensorRT in TRT_PYTHON, stays misconfigured on a retry)."""
 
     kind = "infra"
 
 
 def is_retriable(exc: BaseException) -> bool:
-    """Prefect retry condition: everything except ModelError is worth a retry."""
-    return not isinstance(exc, ModelError)
+    """Prefect retry condition: InfraErrors and unexpected errors are worth a retry; ModelErrors never."""
+    if isinstance(exc, TrtflowError):
+        return exc.retriable
+    return True

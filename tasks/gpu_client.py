@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +43,7 @@ class GpuEnv:
     interpreter: str
     gpu_uuid: str = ""
     memory_total_mib: int = 0
+    caps: dict = field(default_factory=dict, compare=False, hash=False)  # see tasks/gpu/compat.py
 
     @property
     def sm(self) -> str:

@@ -33,9 +33,22 @@ def check_name(name: str) -> str:
 
 
 # ---- keys of the bucket convention -------------------------------------------------------------
-def engine_prefix(name: str, model_sha: str, target: str, precision: str) -> str:
-    """``engines/<name>/<sha[:12]>/<sm_XX>-trt<version>/<precision>/``; ``target`` is ``sm_90-trt8.6.0``."""
-    return f"{ENGINES_PREFIX}{check_name(name)}/{model_sha[:12]}/{target}/{precision}/"
+def conversion_prefix(name: str, model_sha: str, target: str, spec_key: str) -> str:
+    """``engines/<name>/<sha[:12]>/<sm_XX>-trt<version>/<spec key>/``; ``target`` is ``sm_90-trt8.6.0``.
+
+    The spec key (hash of profiles, calibration and build options) is part of the address so that a
+    changed trtflow.yaml never overwrites the engines an older latest.json points at.
+    """
+    return f"{ENGINES_PREFIX}{check_name(name)}/{model_sha[:12]}/{target}/{spec_key}/"
+
+
+def engine_prefix(name: str, model_sha: str, target: str, spec_key: str, precision: str) -> str:
+    return f"{conversion_prefix(name, model_sha, target, spec_key)}{precision}/"
+
+
+def conversion_key(name: str, model_sha: str, target: str, spec_key: str) -> str:
+    """The record of a finished conversion: its existence is the engine cache hit."""
+    return f"{conversion_prefix(name, model_sha, target, spec_key)}conversion.json"
 
 
 def latest_key(name: str) -> str:

@@ -171,8 +171,8 @@ class ModelSpec(_Strict):
         return Tolerance(**base)
 
     def build_key(self) -> str:
-        """Hash of everything in the spec that changes an engine (part of the engine cache key)."""
-        relevant = self.model_dump(mode="json", include={"profiles", "calibration", "build"})
+        """Hash of the spec (bench settings aside): part of every engine address and the cache key."""
+        relevant = self.model_dump(mode="json", exclude={"bench"})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -1,0 +1,98 @@
+"""What one precision's build needs besides the model: the Q/DQ graph or calibrator batches for
+INT8, an FP16 graph where TensorRT is strongly typed only. CPU work, done before the GPU step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from tasks.errors import ModelError
+from tasks.gpu_client import GpuEnv
+from tasks.package import LocalPackage
+from tasks.spec import ModelSpec
+from tasks.storage import Storage
+
+
+@dataclass
+class Prepared:
+    onnx_path: Path
+    int8_mode: Optional[str] = None
+    graph_precision: str = "fp32"
+    calibrator: Optional[dict] = None  # the engine request's "calibration" field
+    record: dict = field(default_factory=dict)  # what the manifest says about calibration
+
+
+def _inputs(model_path: Path) -> List[dict]:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    init = {i.name for i in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        t = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        out.append({"name": vi.name, "elem_type": t.elem_type,
+                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+    return out
+
+
+def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPackage, precision: str,
+            profiles: List[dict], workdir: Path) -> Prepared:
+    """Make the inputs of one precision's engine build.
+
+    Raises:
+        ModelError: INT8 without calibration data (and without ``calibration.synthetic: true``), the
+            implicit calibrator on a TensorRT without it, a Q/DQ graph TensorRT would reject.
+    """
+    caps = env.caps or {}
+    if precision == "fp16" and caps and not caps.get("fp16_flag", True):
+        # TensorRT 11 has no FP16 builder flag: FP16 must come from the graph itself.
+        from tasks.fp16 import fp16_graph_from_onnx
+
+        out = fp16_graph_from_onnx(package.model_path, Path(workdir) / "model.fp16.onnx")
+        return Prepared(out, graph_precision="fp16", record={"fp16": "graph converted to FP16 (strongly typed build)"})
+    if precision != "int8":
+        return Prepared(package.model_path)
+
+    from tasks import calibration, quantize
+    from tasks.package import qdq_key
+
+    mode = spec.calibration.mode
+    if mode == "calibrator" and caps and not caps.get("int8_calibrator", True):
+        raise ModelError(f"calibration.mode 'calibrator' needs TensorRT's implicit INT8 calibrator, which TensorRT "
+                         f"{env.tensorrt} no longer has.", fix="Use calibration.mode: qdq (explicit quantisation).")
+    folder = package.data_dir(spec.calibration.data)
+    data = calibration.load_calibration_data(folder, spec, _inputs(package.model_path), profiles=profiles)
+    record = {"mode": mode, "method": spec.calibration.method, "data_sha256": data.sha256, "samples": data.samples,
+              "synthetic": data.synthetic, "synthetic_calibration": data.synthetic}
+    if data.synthetic:
+        record["note"] = data.note
+    if mode == "calibrator":
+        batches = calibration.calibration_batches(data, spec.calibration.batch_size, Path(workdir) / "calib-batches",
+                                                  profiles=profiles)
+        from tasks.engine import calibrator_cache
+
+        cache_in, key = calibrator_cache(storage, name=package.name, model_sha=package.model_sha256,
+                                         data_sha=data.sha256, env=env, workdir=workdir)
+        cache_out = Path(workdir) / "calibration.cache"
+        record.update(cache_key=key, cache_reused=cache_in is not None, batches=len(batches))
+        return Prepared(package.model_path, int8_mode="calibrator",
+                        calibrator={"batches": [str(b) for b in batches], "cache_in": str(cache_in) if cache_in else None,
+                                    "cache_out": str(cache_out), "cache_key": key},
+                        record=record)
+    key = qdq_key(package.name, package.model_sha256, data.sha256, spec.calibration.method)
+    qdq_path = Path(workdir) / "model.qdq.onnx"
+    reused = quantize.fetch_cached_qdq(storage, key, qdq_path)
+    if not reused:
+        result = quantize.qdq_model_from_calibration(package.model_path, data, spec, qdq_path)
+        quantize.store_cached_qdq(storage, key, qdq_path, result)
+        record.update(backend=result.backend, qdq_nodes=result.qdq_nodes, excluded=result.excluded_nodes)
+    problems = quantize.check_qdq_structure(qdq_path)
+    if problems:
+        raise ModelError("the Q/DQ model would be rejected or mis-built by TensorRT: " + "; ".join(problems),
+                         fix="Report this with the model; meanwhile use calibration.mode: calibrator on TensorRT <= 10.")
+    record.update(qdq_key=key, qdq_reused=reused)
+    return Prepared(qdq_path, int8_mode="qdq", record=record)

@@ -1,0 +1,119 @@
+"""TEST DOUBLE of tasks/gpu: answers the GPU subprocess protocol with onnxruntime, not TensorRT.
+
+It lets the flows run end to end on a CPU machine. The "engine" it writes is the ONNX file behind a
+header that says so; its benchmark times onnxruntime on the CPU. Knobs (environment):
+  TRTFLOW_DOUBLE_FAIL=crash|model|oom     fail every engine call that way
+  TRTFLOW_DOUBLE_NOISE_<PRECISION>=0.5    add that much relative noise to that precision's outputs
+  TRTFLOW_DOUBLE_TRACE=<file>             append "<verb> <precision> <start> <end>" lines (concurrency tests)
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DOUBLE_HEADER = b"TRTFLOW TEST DOUBLE ENGINE - not a TensorRT plan\n"
+ENV = {"tensorrt": "0.0.0-double", "gpu": "trtflow test double (no GPU)", "compute_capability": "0.0",
+       "driver": "none", "cuda_runtime": "none", "python": sys.version.split()[0], "interpreter": sys.executable,
+       "gpu_uuid": os.environ.get("CUDA_VISIBLE_DEVICES", "double-0"), "memory_total_mib": 0,
+       "caps": {"fp16_flag": True, "int8_flag": True, "int8_calibrator": True, "strongly_typed": False,
+                "engine_inspector": False}}
+
+
+def _engine(req: dict) -> dict:
+    import onnxruntime as ort
+
+    fail = os.environ.get("TRTFLOW_DOUBLE_FAIL")
+    if fail == "crash":
+        ctypes.string_at(0)  # a real segfault, as a crashing TensorRT build would give
+    if fail == "model":
+        return {"ok": False, "error": {"kind": "model", "message": "double: parser rejected node 'conv1'",
+                                       "fix": "double: check the opset", "details": ["node conv1 (Conv)"]}}
+    if fail == "oom":
+        return {"ok": False, "error": {"kind": "infra", "message": "double: CUDA out of memory", "fix": None, "details": []}}
+    start = time.time()
+    out_dir = Path(req["out_dir"]); out_dir.mkdir(parents=True, exist_ok=True)
+    plan = out_dir / "model.plan"
+    with open(plan, "wb") as f:
+        f.write(DOUBLE_HEADER)
+        f.write(Path(req["onnx_path"]).read_bytes())
+    if req.get("timing_cache_out"):
+        prior = Path(req["timing_cache_in"]).read_bytes() if req.get("timing_cache_in") and Path(req["timing_cache_in"]).exists() else b""
+        Path(req["timing_cache_out"]).write_bytes(prior + b"double-cache-entry\n")
+    sess = ort.InferenceSession(req["onnx_path"], providers=["CPUExecutionProvider"])
+    result = {"ok": True, "env": ENV,
+              "engine": {"path": str(plan), "bytes": plan.stat().st_size,
+                         "sha256": hashlib.sha256(plan.read_bytes()).hexdigest(),
+                         "build_seconds": 0.0, "strongly_typed": False, "builder_flags": [req["precision"].upper()],
+                         "profiles": req.get("profiles", []),
+                         "io": [{"name": i.name, "mode": "input", "dtype": i.type, "shape": i.shape} for i in sess.get_inputs()]
+                         + [{"name": o.name, "mode": "output", "dtype": o.type, "shape": o.shape} for o in sess.get_outputs()]},
+              "timing_cache": {"loaded_bytes": 0, "saved_bytes": 0}, "layers": {"path": None, "precisions": {}},
+              "calibration": None, "eval": None, "bench": None}
+    if req.get("eval"):
+        noise = float(os.environ.get(f"TRTFLOW_DOUBLE_NOISE_{req['precision'].upper()}", "0"))
+        rng = np.random.default_rng(0)
+        data = np.load(req["eval"]["inputs"])
+        calls = sorted({k.split(":", 1)[0] for k in data.files}, key=int)
+        outs = {}
+        for c in calls:
+            feeds = {k.split(":", 1)[1]: data[k] for k in data.files if k.split(":", 1)[0] == c}
+            for o, v in zip(sess.get_outputs(), sess.run(None, feeds)):
+                if noise and np.issubdtype(v.dtype, np.floating):
+                    v = v + noise * np.abs(v).mean() * rng.standard_normal(v.shape).astype(v.dtype)
+                outs[f"{c}:{o.name}"] = v
+        np.savez(req["eval"]["outputs"], **outs)
+        result["eval"] = {"outputs": req["eval"]["outputs"], "calls": len(calls), "seconds": 0.0}
+    if req.get("bench"):
+        profile = (req.get("profiles") or [{}])[0]
+        feeds = {}
+        for i in sess.get_inputs():
+            shape = profile.get(i.name, {}).get("opt") or [d if isinstance(d, int) else 1 for d in i.shape]
+            dtype = np.int64 if "int64" in i.type else np.float32
+            feeds[i.name] = np.zeros(shape, dtype=dtype)
+        times = []
+        for _ in range(max(3, min(int(req["bench"].get("iterations", 10)), 10))):
+            t = time.perf_counter(); sess.run(None, feeds); times.append((time.perf_counter() - t) * 1e3)
+        batch = next(iter(feeds.values())).shape[0] if feeds else 1
+        p = np.percentile(times, [50, 90, 99])
+        result["bench"] = {"shape": {k: list(v.shape) for k, v in feeds.items()}, "batch": int(batch),
+                           "iterations": len(times),
+                           "latency_ms": {"mean": float(np.mean(times)), "p50": float(p[0]), "p90": float(p[1]),
+                                          "p99": float(p[2]), "min": float(min(times)), "max": float(max(times))},
+                           "throughput_per_s": float(batch * 1e3 / p[0]), "device_memory_bytes": 0}
+    result["engine"]["build_seconds"] = time.time() - start
+    trace = os.environ.get("TRTFLOW_DOUBLE_TRACE")
+    if trace:
+        with open(trace, "a") as f:
+            f.write(f"engine {req['precision']} {start} {time.time()}\n")
+    return result
+
+
+def main(argv) -> int:
+    verb, req_path, resp_path = argv[-3:]
+    req = json.loads(Path(req_path).read_text())
+    if verb == "probe":
+        resp = {"ok": True, "env": ENV}
+    elif verb == "engine":
+        resp = _engine(req)
+    elif verb == "merge-cache":
+        with open(req["out"], "wb") as out:
+            for c in req["caches"]:
+                if Path(c).exists():
+                    out.write(Path(c).read_bytes())
+        resp = {"ok": True}
+    else:
+        resp = {"ok": False, "error": {"kind": "infra", "message": f"double: unknown verb {verb}"}}
+    Path(resp_path).write_text(json.dumps(resp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
