@@ -91,3 +91,89 @@ def save(model: onnx.ModelProto, path: Path, external_data: Optional[str] = None
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+# ---- the validation registry: models that are wrong in one named way ----------------------------
+def dynamic_hw_cnn(num_classes: int = 10, channels: int = 8) -> onnx.ModelProto:
+    """small_cnn with images [N,3,H,W]: dynamic spatial dims need a profile in trtflow.yaml."""
+    model = small_cnn(dynamic_batch=True, num_classes=num_classes, channels=channels)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].Clear()
+    dims[2].dim_param = "H"
+    dims[3].Clear()
+    dims[3].dim_param = "W"
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def relu_model(opset: int = OPSET, ir_version: int = IR_VERSION, width: int = 4) -> onnx.ModelProto:
+    """x float32 [N,width] -> y = Relu(x); built at any opset/IR (e.g. one too new for TensorRT 8.6)."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")], "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="trtflow-tests")
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def unique_op_model() -> onnx.ModelProto:
+    """x float32 [8] -> Unique(x): valid ONNX (ONNX Runtime runs it) that TensorRT's parser lacks."""
+    graph = helper.make_graph(
+        [helper.make_node("Unique", ["x"], ["y"], name="unique", sorted=1)], "unique",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["U"])])
+    return _model(graph)
+
+
+def save_with_external_location(model: onnx.ModelProto, path: Path, location: str, write_data: bool = True,
+                                truncate_bytes: int = 0) -> Path:
+    """Write ``model`` with every initializer's external_data entries set by hand to ``location``.
+
+    onnx.save_model refuses hostile locations such as ``../weights.bin``, so the TensorProto entries
+    are written directly. With ``write_data`` the weights go to ``location`` resolved against the
+    model's folder (which may lie outside it: the file then exists, but outside the package);
+    ``truncate_bytes`` cuts that many bytes off its end.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # leave the caller's copy alone
+    blob = bytearray()
+    for tensor in model.graph.initializer:
+        raw = numpy_helper.to_array(tensor).tobytes()
+        offset = len(blob)
+        blob += raw
+        for name in ("float_data", "int64_data", "int32_data", "raw_data"):
+            tensor.ClearField(name)
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key = key
+            entry.value = value
+    if write_data:
+        target = path.parent / location
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(bytes(blob[:len(blob) - truncate_bytes]))
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def truncated_file(path: Path, keep: float = 0.5) -> Path:
+    """small_cnn saved and then cut to ``keep`` of its bytes (an interrupted upload)."""
+    path = save(small_cnn(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    return path
+
+
+def not_onnx_file(path: Path, kind: str = "html") -> Path:
+    """A file that is not ONNX: ``html`` (an error page saved as a model) or ``zip`` (a PyTorch checkpoint)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "zip":
+        path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    else:
+        path.write_bytes(b"<html><body><h1>403 Forbidden</h1></body></html>\n")
+    return path
