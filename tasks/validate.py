@@ -13,7 +13,6 @@ and eval inputs all use these.
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -147,7 +146,7 @@ class TensorInfo:
 
 
 ShapeRangeDict = Dict[str, List[int]]  # {"min": [...], "opt": [...], "max": [...]}
-ResolvedProfile = Dict[str, ShapeRangeDict]  # input name -> range, dynamic inputs only
+ResolvedProfile = Dict[str, ShapeRangeDict]  # input name -> range, every input (static: min = opt = max)
 
 
 @dataclass
@@ -193,15 +192,13 @@ class ValidationReport:
         return next((t for t in self.inputs if t.name == name), None)
 
     def opt_shapes(self, profile: int = 0) -> Dict[str, List[int]]:
-        """Every input's shape at the profile's opt point (static inputs: their shape)."""
+        """Every input's shape at the profile's opt point."""
         prof = self.profiles[profile] if self.profiles else {}
-        out: Dict[str, List[int]] = {}
-        for t in self.inputs:
-            if t.name in prof:
-                out[t.name] = list(prof[t.name]["opt"])
-            elif t.shape is not None and not t.dynamic_dims:
-                out[t.name] = [int(d) for d in t.shape]  # type: ignore[arg-type]
-        return out
+        return {name: list(r["opt"]) for name, r in prof.items()}
+
+    def inputs_list(self) -> List[dict]:
+        """The inputs as plain dicts (name, dtype, shape, dynamic_dims), for tasks/profiles.py."""
+        return [t.to_dict() for t in self.inputs]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -249,7 +246,8 @@ class ValidationReport:
             lines.append(f"  output {t.name}: {t.dtype} {t.shape_text()}")
         for i, prof in enumerate(self.profiles):
             for name, rng in prof.items():
-                lines.append(f"  profile {i} {name}: min {rng['min']} opt {rng['opt']} max {rng['max']}")
+                if rng["min"] != rng["max"]:  # static inputs' ranges say nothing new
+                    lines.append(f"  profile {i} {name}: min {rng['min']} opt {rng['opt']} max {rng['max']}")
         if self.operators:
             top = sorted(self.operators.items(), key=lambda kv: (-kv[1], kv[0]))
             lines.append("  operators: " + ", ".join(f"{op} x{n}" for op, n in top))
@@ -276,10 +274,11 @@ class ValidationReport:
             out += [f"| input | `{t.name}` | {t.dtype} | {t.shape_text()} | {t.dynamic_dims or ''} |" for t in self.inputs]
             out += [f"| output | `{t.name}` | {t.dtype} | {t.shape_text()} | {t.dynamic_dims or ''} |" for t in self.outputs]
             out.append("")
-        if self.profiles:
+        if any(r["min"] != r["max"] for prof in self.profiles for r in prof.values()):
             out += ["| profile | input | min | opt | max |", "|---|---|---|---|---|"]
             for i, prof in enumerate(self.profiles):
-                out += [f"| {i} | `{n}` | {r['min']} | {r['opt']} | {r['max']} |" for n, r in prof.items()]
+                out += [f"| {i} | `{n}` | {r['min']} | {r['opt']} | {r['max']} |" for n, r in prof.items()
+                        if r["min"] != r["max"]]
             out.append("")
         if self.errors:
             out += ["**Errors**", ""]
@@ -525,9 +524,9 @@ def _check_external_data(model: onnx.ModelProto, model_path: Path, package_root:
             details.setdefault(key, f"needs bytes up to {need}, the file has {size}")
     report.external_files = sorted(sizes)
     report.external_data_bytes = sum(sizes.values())
-    pkg_fix = (f"Save the weights beside the model with a relative location inside the package, e.g. "
-               f"onnx.save_model(model, 'model.onnx', save_as_external_data=True, location='model.onnx.data'), "
-               f"and upload both files together.")
+    pkg_fix = ("Save the weights beside the model with a relative location inside the package, e.g. "
+               "onnx.save_model(model, 'model.onnx', save_as_external_data=True, location='model.onnx.data'), "
+               "and upload both files together.")
     for (code, loc), tensors in sorted(problems.items()):
         what = f"tensor{'s' if len(tensors) > 1 else ''} {_names(tensors)}"
         if code == "external_data_absolute":
@@ -664,14 +663,17 @@ def profile_yaml(ranges: Dict[str, ShapeRangeDict]) -> str:
     return "\n".join(lines)
 
 
-def _resolve_profiles(inputs: List[TensorInfo], spec: ModelSpec, report: ValidationReport) -> List[ResolvedProfile]:
+def resolve_profiles(inputs: List[TensorInfo], spec: ModelSpec, report: ValidationReport) -> List[ResolvedProfile]:
+    """The spec's profiles checked against the inputs, with default batch ranges filled in.
+
+    Returns one dict per profile (one when the spec has none): input name -> {"min", "opt", "max"}
+    for every input, static ones too (min = opt = max = its shape), as tasks/profiles.py and
+    tasks/gpu/build.py resolve them. Problems go to ``report`` (errors and warnings); inputs that
+    cannot be resolved are left out.
+    """
     dynamic = [t for t in inputs if t.dynamic_dims]
     by_name = {t.name: t for t in inputs}
-    spec_profiles = [dict(p) for p in spec.profiles]
-    if not spec_profiles:
-        if not dynamic:
-            return []
-        spec_profiles = [{}]
+    spec_profiles = [dict(p) for p in spec.profiles] or [{}]
     example = profile_yaml({t.name: _example_range(t, spec) for t in dynamic})
     b = spec.build
     resolved: List[ResolvedProfile] = []
@@ -702,11 +704,9 @@ def _resolve_profiles(inputs: List[TensorInfo], spec: ModelSpec, report: Validat
                              f"{where} sets input {name!r} dim(s) {clashes} to sizes other than the model's fixed "
                              f"{[t.shape[i] for i in clashes]} (model shape {t.shape_text()}; profile min {r['min']}, "
                              f"opt {r['opt']}, max {r['max']}).",
-                             f"Use the fixed sizes for those dims, or re-export the model with them dynamic.")
+                             "Use the fixed sizes for those dims, or re-export the model with them dynamic.")
                 continue
-            if t.dynamic_dims:
-                out[name] = r
-            # a static input in a profile is harmless and left out: TensorRT takes profiles for dynamic inputs only
+            out[name] = r
         batch_from = next((out[n] for n in out if 0 in by_name[n].dynamic_dims), None)
         for t in dynamic:
             if t.name in out or t.shape is None:
@@ -739,8 +739,12 @@ def _resolve_profiles(inputs: List[TensorInfo], spec: ModelSpec, report: Validat
                              f"TensorRT needs min/opt/max sizes for every dynamic dim other than the batch.",
                              f"Add an optimisation profile to {SPEC_FILENAME} beside the model (use the smallest, "
                              f"typical and largest sizes you will run):\n{example}")
+        for t in inputs:
+            if not t.dynamic_dims and t.shape is not None and t.name not in out and t.name not in prof:
+                static = [int(d) for d in t.shape]  # type: ignore[arg-type]
+                out[t.name] = {"min": list(static), "opt": list(static), "max": list(static)}
         _check_shared_dims(out, by_name, k, report)
-        resolved.append(out)
+        resolved.append({t.name: out[t.name] for t in inputs if t.name in out})  # in input order
     if defaulted:
         names = list(defaulted)
         first = defaulted[names[0]]
@@ -811,7 +815,7 @@ def validate_model(model_path: Path, spec: Optional[ModelSpec] = None, package_r
                     "first and validate again.")
     report.inputs, report.outputs = model_io(model)
     _check_dtypes(report, model, support)
-    report.profiles = _resolve_profiles(report.inputs, spec, report)
+    report.profiles = resolve_profiles(report.inputs, spec, report)
     _operators(model, support, report)
     report.parameters = _parameters(model)
     return report
