@@ -20,13 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def api_url():
+@pytest.fixture
+def api_url(prefect_harness) -> str:
+    """The session's test server, reachable over HTTP by other processes."""
     from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+    return PREFECT_API_URL.value()
 
 
 def _run_pair(api_url: str, tmp_path: Path, gpu_a: str, gpu_b: str) -> tuple[dict, dict]:
