@@ -118,7 +118,8 @@ def _profiles(inputs: List[TensorInfo], spec: ModelSpec, model_path: Path,
 
 
 def _int_highs(model: onnx.ModelProto) -> Dict[str, int]:
-    """Upper bound (exclusive) for integer inputs that index a constant table (Gather indices)."""
+    """Upper bound (exclusive) for integer inputs that index a constant table (Gather indices):
+    the table's rows when it has fewer than SYNTHETIC_INT_HIGH."""
     inits = {t.name: t for t in model.graph.initializer}
     highs: Dict[str, int] = {}
     for node in model.graph.node:
@@ -127,7 +128,7 @@ def _int_highs(model: onnx.ModelProto) -> Dict[str, int]:
             dims = list(inits[node.input[0]].dims)
             if dims:
                 rows = int(dims[axis % len(dims)])
-                highs[node.input[1]] = min(highs.get(node.input[1], rows), rows)
+                highs[node.input[1]] = min(highs.get(node.input[1], SYNTHETIC_INT_HIGH), rows)
     return highs
 
 
