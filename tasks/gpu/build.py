@@ -1,0 +1,519 @@
+"""ONNX -> serialized TensorRT engine, with the timing cache, implicit calibrator and engine inspector.
+
+``engine_from_onnx(request)`` is the build half of the ``engine`` verb (tasks/gpu/__main__.py holds
+the request's fields). ``build_engine`` does the same and also hands back the deserialized engine,
+so the same process can run the eval inputs and the benchmark without loading it twice.
+
+tensorrt is imported inside the functions that need it: ``resolve_profiles`` and
+``layer_precisions`` are pure and unit-tested on CPU. Python 3.9-compatible.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+
+from tasks.errors import InfraError, ModelError
+from tasks.gpu import compat
+
+log = logging.getLogger("trtflow.gpu.build")
+
+TRT_PYTHON_FIX = ("Set TRT_PYTHON to an interpreter with tensorrt and pycuda (pip install 'trtflow[gpu]' on a GPU "
+                  "worker, or /opt/trt/bin/trt-python), see README 'GPU worker'")
+
+# TensorRT log lines that mean the GPU or its memory failed, not the model.
+_CUDA_TROUBLE = re.compile(r"out of memory|could not be allocated|OutOfMemory|CUDA_ERROR|cudaError|Cuda Runtime|"
+                           r"Cuda Driver|illegal memory access|CUDA initialization failure", re.IGNORECASE)
+_OOM = re.compile(r"out of memory|could not be allocated|OutOfMemory|CUDA_ERROR_OUT_OF_MEMORY|"
+                  r"cudaErrorMemoryAllocation", re.IGNORECASE)
+
+
+# ---- TensorRT import and logger ------------------------------------------------------------------
+
+def import_tensorrt() -> Any:
+    """``import tensorrt``, or an InfraError that names this interpreter and how to fix it."""
+    import sys
+
+    try:
+        import tensorrt as trt  # noqa: WPS433 - only the GPU interpreter has it
+    except Exception as err:  # ImportError, or an OSError from a missing libnvinfer
+        raise InfraError(f"TensorRT cannot be imported in {sys.executable} ({type(err).__name__}: {err})",
+                         fix=TRT_PYTHON_FIX) from None
+    return trt
+
+
+def make_logger(trt: Any, verbose: bool = False) -> Any:
+    """A ``trt.ILogger`` that forwards TensorRT's messages to ``logging`` (WARNING and up, or all
+    with ``verbose``) and keeps the last errors for error reports (``.errors``)."""
+
+    class _ForwardingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)  # pybind11 trampolines crash without the explicit base init
+            sev = trt.ILogger.Severity
+            self.min_severity = int(sev.VERBOSE if verbose else sev.WARNING)
+            self.errors: Deque[str] = collections.deque(maxlen=30)
+            self.warnings: Deque[str] = collections.deque(maxlen=30)
+            self._levels = {int(sev.INTERNAL_ERROR): logging.CRITICAL, int(sev.ERROR): logging.ERROR,
+                            int(sev.WARNING): logging.WARNING, int(sev.INFO): logging.INFO,
+                            int(sev.VERBOSE): logging.DEBUG}
+            self._trt_log = logging.getLogger("tensorrt")
+
+        def log(self, severity: Any, msg: str) -> None:
+            level = int(severity)
+            if level <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(str(msg))
+            elif level == int(trt.ILogger.Severity.WARNING):
+                self.warnings.append(str(msg))
+            if level <= self.min_severity:
+                self._trt_log.log(self._levels.get(level, logging.INFO), "%s", msg)
+
+    return _ForwardingLogger()
+
+
+def create_builder(trt: Any, logger: Any) -> Any:
+    """``trt.Builder``; an InfraError (CUDA unavailable) instead of pybind11's TypeError."""
+    try:
+        builder = trt.Builder(logger)
+    except TypeError as err:  # "factory function returned nullptr": CUDA init failed
+        raise InfraError(f"TensorRT could not create a builder ({err}); is a CUDA GPU visible?",
+                         fix="Run on a GPU worker; check CUDA_VISIBLE_DEVICES and the NVIDIA driver (nvidia-smi).",
+                         details=list(getattr(logger, "errors", [])) + list(getattr(logger, "warnings", []))) from None
+    if builder is None:
+        raise InfraError("TensorRT could not create a builder.", fix="Check the GPU worker's CUDA setup (nvidia-smi).")
+    return builder
+
+
+# ---- pure helpers --------------------------------------------------------------------------------
+
+def resolve_profiles(inputs: Sequence[Dict[str, Any]], requested: Optional[Sequence[Dict[str, Any]]],
+                     default_opt_batch: int = 8, default_max_batch: int = 32) -> List[Dict[str, Dict[str, List[int]]]]:
+    """Complete min/opt/max shapes for every network input of every optimisation profile.
+
+    Args:
+        inputs: ``[{"name": str, "shape": [int, ...]}]`` with -1 for dynamic dims (the network's view).
+        requested: the request's profiles (input name -> {"min","opt","max"}); empty -> one default profile.
+        default_opt_batch, default_max_batch: the default range of a dynamic dim 0 (min is 1).
+
+    Returns:
+        One dict per profile, input name -> {"min","opt","max"} for every input (static ones too).
+        A dynamic batch dim an input's profile does not give follows the batch range of the
+        profile's other inputs (so all inputs agree on the batch), else the default.
+
+    Raises:
+        ModelError: unknown input, wrong rank, a static dim contradicted, min <= opt <= max violated,
+            or a dynamic dim other than dim 0 without a profile.
+    """
+    names = [str(i["name"]) for i in inputs]
+    profiles = [dict(p) for p in (requested or [])] or [{}]
+    opt_batch = max(1, min(int(default_opt_batch), int(default_max_batch)))
+    max_batch = max(1, int(default_max_batch))
+    out: List[Dict[str, Dict[str, List[int]]]] = []
+    for index, profile in enumerate(profiles):
+        unknown = sorted(set(profile) - set(names))
+        if unknown:
+            raise ModelError(f"profile {index} names {', '.join(unknown)}, which the network has no input called.",
+                             fix=f"Use the model's input names in trtflow.yaml profiles: {', '.join(names)}.")
+        given = {str(i["name"]): _check_range(index, str(i["name"]), [int(d) for d in i["shape"]], profile[i["name"]])
+                 for i in inputs if i["name"] in profile}
+        batch: Optional[Tuple[int, int, int]] = None
+        for inp in inputs:
+            rng = given.get(str(inp["name"]))
+            if rng and inp["shape"] and int(inp["shape"][0]) < 0:
+                batch = (rng["min"][0], rng["opt"][0], rng["max"][0])
+                break
+        resolved: Dict[str, Dict[str, List[int]]] = {}
+        for inp in inputs:
+            name = str(inp["name"])
+            shape = [int(d) for d in inp["shape"]]
+            if name in given:
+                resolved[name] = given[name]
+                continue
+            dynamic = [axis for axis, d in enumerate(shape) if d < 0]
+            if not dynamic:
+                resolved[name] = {"min": list(shape), "opt": list(shape), "max": list(shape)}
+                continue
+            other = [axis for axis in dynamic if axis != 0]
+            if other:
+                raise ModelError(f"input {name!r} has dynamic dim {other[0]} (shape {shape}) and no optimisation "
+                                 f"profile gives its range.",
+                                 fix=f"add a profile for {name} in trtflow.yaml, e.g. profiles: [{{{name}: "
+                                     f"{{min: [...], opt: [...], max: [...]}}}}]")
+            lo, mid, hi = batch or (1, opt_batch, max_batch)
+            resolved[name] = {"min": [lo] + shape[1:], "opt": [mid] + shape[1:], "max": [hi] + shape[1:]}
+        out.append(resolved)
+    return out
+
+
+def _check_range(index: int, name: str, shape: List[int], rng: Dict[str, Any]) -> Dict[str, List[int]]:
+    try:
+        lo, mid, hi = ([int(d) for d in rng[k]] for k in ("min", "opt", "max"))
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"profile {index} for input {name!r} needs min, opt and max shapes, got {rng!r}.",
+                         fix=f"Write {name}: {{min: [...], opt: [...], max: [...]}} in trtflow.yaml.") from None
+    if not (len(lo) == len(mid) == len(hi) == len(shape)):
+        raise ModelError(f"profile {index} gives input {name!r} ranks {len(lo)}/{len(mid)}/{len(hi)}; the network "
+                         f"input has rank {len(shape)} ({shape}).",
+                         fix=f"Give {len(shape)} dims for {name} in min, opt and max.")
+    for axis, d in enumerate(shape):
+        if not (0 <= lo[axis] <= mid[axis] <= hi[axis]):
+            raise ModelError(f"profile {index} for input {name!r} needs min <= opt <= max in dim {axis}, got "
+                             f"{lo} / {mid} / {hi}.", fix="Order the shapes min <= opt <= max in trtflow.yaml.")
+        if d >= 0 and not (lo[axis] == mid[axis] == hi[axis] == d):
+            raise ModelError(f"profile {index} for input {name!r} sets dim {axis} to {lo[axis]}..{hi[axis]}, but the "
+                             f"model fixes it at {d} (shape {shape}).",
+                             fix=f"Use {d} for dim {axis} of {name}, or export the model with that dim dynamic.")
+    return {"min": lo, "opt": mid, "max": hi}
+
+
+_PRECISION_PATTERNS = [  # order matters: UINT8 before INT8, BF16 before FP16/FLOAT
+    ("uint8", re.compile(r"UINT8")), ("int8", re.compile(r"INT8")), ("int4", re.compile(r"INT4")),
+    ("fp8", re.compile(r"FP8|E4M3")), ("fp4", re.compile(r"FP4")), ("bf16", re.compile(r"BF16|BFLOAT")),
+    ("fp16", re.compile(r"FP16|HALF")), ("fp32", re.compile(r"FP32|FLOAT")), ("int64", re.compile(r"INT64")),
+    ("int32", re.compile(r"INT32")), ("bool", re.compile(r"BOOL")),
+]
+
+
+def _precision_of_text(text: Any) -> Optional[str]:
+    if not isinstance(text, str) or not text:
+        return None
+    upper = text.upper()
+    for name, pattern in _PRECISION_PATTERNS:
+        if pattern.search(upper):
+            return name
+    return None
+
+
+def _precision_of_tensor(tensor: Any) -> Optional[str]:
+    if not isinstance(tensor, dict):
+        return None
+    # 8.6/10: "Format/Datatype": "Row major linear FP32"; 11: "DataType": "Float" (+ "Format").
+    for key in ("DataType", "Datatype", "Format/Datatype", "Format"):
+        found = _precision_of_text(tensor.get(key))
+        if found:
+            return found
+    return None
+
+
+def layer_precisions(info: Any) -> Dict[str, int]:
+    """Count the engine's layers by precision from the engine inspector's JSON.
+
+    A layer's precision is its "Precision" field where the version writes one, else the data type
+    of its first input tensor (what a convolution reads: INT8 for an INT8 kernel), else of its first
+    output. Layers without details (built without DETAILED profiling verbosity) count as "unknown".
+    """
+    if isinstance(info, (str, bytes)):
+        try:
+            info = json.loads(info)
+        except ValueError:
+            return {}
+    layers = info.get("Layers", []) if isinstance(info, dict) else info
+    counts: Dict[str, int] = {}
+    for layer in layers or []:
+        precision = None
+        if isinstance(layer, dict):
+            precision = _precision_of_text(layer.get("Precision"))
+            for key in ("Inputs", "Outputs"):
+                if precision:
+                    break
+                for tensor in layer.get(key) or []:
+                    precision = _precision_of_tensor(tensor)
+                    if precision:
+                        break
+        precision = precision or "unknown"
+        counts[precision] = counts.get(precision, 0) + 1
+    return counts
+
+
+def onnx_node_table(onnx_path: str) -> Tuple[List[str], List[str]]:
+    """Names and op types of the ONNX graph's nodes, by index (TensorRT 8.6 parser errors give only the index)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - only used to enrich a parser error
+        log.debug("cannot read node names from %s: %s", onnx_path, err)
+        return [], []
+    return [n.name or f"<unnamed {n.op_type} #{i}>" for i, n in enumerate(model.graph.node)], \
+           [n.op_type for n in model.graph.node]
+
+
+def _tensor_inputs(network: Any) -> List[Dict[str, Any]]:
+    out = []
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        out.append({"name": t.name, "shape": [int(d) for d in t.shape], "dtype": t.dtype,
+                    "is_shape_tensor": bool(getattr(t, "is_shape_tensor", False))})
+    return out
+
+
+def _write_atomic(path: Path, data: Any) -> int:
+    """Write bytes-like ``data`` to ``path`` via a temporary file; returns the byte count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    view = memoryview(data)
+    with open(tmp, "wb") as f:
+        f.write(view)
+    os.replace(tmp, path)
+    return int(view.nbytes)
+
+
+# ---- the build ------------------------------------------------------------------------------------
+
+@dataclass
+class BuildResult:
+    """The build half of an ``engine`` response, plus the live engine for eval and bench."""
+
+    response: Dict[str, Any]
+    engine: Any = None
+    runtime: Any = None
+    plan: Optional[compat.BuildPlan] = None
+    profiles: List[Dict[str, Dict[str, List[int]]]] = field(default_factory=list)
+
+
+def _build_failure(logger: Any, what: str) -> Exception:
+    errors = list(getattr(logger, "errors", []))
+    text = "\n".join(errors)
+    if _OOM.search(text):
+        return InfraError(f"CUDA ran out of memory while {what}.",
+                          fix="Retry on a GPU with more free memory, or lower build.workspace_mib or the profiles' max shapes.",
+                          details=errors[-10:])
+    if _CUDA_TROUBLE.search(text):
+        return InfraError(f"a CUDA error stopped TensorRT while {what}.",
+                          fix="Retry (another worker if it repeats); see build.log for the CUDA error.", details=errors[-10:])
+    last = errors[-1] if errors else "no error was logged"
+    return ModelError(f"TensorRT failed while {what}: {last}",
+                      fix="See the TensorRT errors in details and build.log: usually a layer or shape this TensorRT "
+                          "version does not support (check the opset, unsupported ops, and the profiles).",
+                      details=errors[-10:])
+
+
+def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -> BuildResult:
+    """Build one engine as ``request`` says (see tasks/gpu/__main__.py) and deserialize it.
+
+    Raises:
+        ModelError: parser errors (one detail per error, with the ONNX node), impossible precision
+            plans, bad profiles or calibration batches, a build TensorRT refuses.
+        InfraError: no TensorRT/CUDA, CUDA out of memory or other CUDA errors, missing files.
+    """
+    trt = trt or import_tensorrt()
+    verbose = bool(request.get("verbose"))
+    logger = logger or make_logger(trt, verbose)
+    caps = compat.caps_from_module(trt)
+    precision = str(request.get("precision") or "fp32")
+    plan = compat.plan_build(caps, precision, request.get("int8_mode"), request.get("graph_precision") or "fp32")
+    for note in plan.notes:
+        log.warning("%s", note)
+    if plan.needs_fp16_graph:
+        raise ModelError(f"TensorRT {caps.version} builds FP16 engines only from an FP16 ONNX graph (strongly typed), "
+                         f"and this request gave an FP32 graph.",
+                         fix="Convert the model to FP16 first (NVIDIA ModelOpt AutoCast, or trtflow's FP16 conversion) "
+                             "and send it with graph_precision: fp16.")
+    log.info("TensorRT %s: %s", caps.version, compat.describe_plan(plan))
+
+    onnx_path = Path(str(request["onnx_path"]))
+    if not onnx_path.is_file():
+        raise InfraError(f"the ONNX model {onnx_path} is not on the GPU worker.",
+                         fix="The flow must download the model package before the engine step; retry.")
+    out_dir = Path(str(request["out_dir"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.monotonic()
+    builder = create_builder(trt, logger)
+    network = builder.create_network(compat.network_flags_value(trt, plan.network_flags))
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so weights in external data files resolve beside the model.
+    if not parser.parse_from_file(str(onnx_path)):
+        names, ops = onnx_node_table(str(onnx_path))
+        errors = compat.parser_error_details(parser, caps, names, ops)
+        first = errors[0] if errors else {"desc": "no parser error recorded", "node_name": "", "node_op": ""}
+        where = f"node {first.get('node_name') or '?'!r} ({first.get('node_op') or '?'}, #{first.get('node_index', -1)})"
+        raise ModelError(f"TensorRT {caps.version}'s ONNX parser rejected the model at {where}: {first.get('desc')}",
+                         fix="Check the model's opset and ops against TensorRT's ONNX operator support for this "
+                             "version (onnx-tensorrt's operators.md); replace or remove unsupported ops, or export "
+                             "with an older opset.",
+                         details=[_describe_parser_error(e) for e in errors] or list(logger.errors))
+    parse_seconds = time.monotonic() - started
+
+    inputs = _tensor_inputs(network)
+    shape_tensors = [i["name"] for i in inputs if i["is_shape_tensor"]]
+    if shape_tensors:
+        raise ModelError(f"inputs {', '.join(shape_tensors)} are shape tensors, which trtflow cannot feed yet.",
+                         fix="Export the model with those values as constants or ordinary tensors.")
+    profiles = resolve_profiles(inputs, request.get("profiles") or [],
+                                int(request.get("default_opt_batch") or 8), int(request.get("default_max_batch") or 32))
+    dynamic = any(d < 0 for i in inputs for d in i["shape"])
+
+    config = builder.create_builder_config()
+    compat.set_workspace(trt, config, caps, request.get("workspace_mib"))
+    compat.set_optimization_level(config, caps, request.get("optimization_level"))
+    compat.set_hardware_compatibility(trt, config, caps, request.get("hardware_compatibility"))
+    flags = list(plan.builder_flags) + compat.version_compatible_flags(caps, bool(request.get("version_compatible")))
+    for name in flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    if hasattr(trt, "ProfilingVerbosity"):
+        # DETAILED makes the inspector report each layer's tensors and formats (hence its precision).
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+
+    trt_profiles = []
+    if dynamic:
+        for index, profile in enumerate(profiles):
+            p = builder.create_optimization_profile()
+            for name, rng in profile.items():
+                p.set_shape(name, trt.Dims(rng["min"]), trt.Dims(rng["opt"]), trt.Dims(rng["max"]))
+            if config.add_optimization_profile(p) < 0:
+                raise _build_failure(logger, f"adding optimisation profile {index} ({profile})")
+            trt_profiles.append(p)
+
+    cache_loaded = _load_timing_cache(config, request.get("timing_cache_in"))
+
+    calibrator = None
+    if plan.use_calibrator:
+        from tasks.gpu.calibrator import make_calibrator
+
+        calibration = request.get("calibration") or {}
+        input_dtypes = {i["name"]: _np_dtype(trt, i["dtype"]) for i in inputs}
+        calibrator = make_calibrator(trt, calibration, profiles[0], input_dtypes)
+        config.int8_calibrator = calibrator
+        if trt_profiles:
+            config.set_calibration_profile(trt_profiles[0])
+
+    log.info("building %s engine of %s (profiles %s)", precision, onnx_path.name, profiles)
+    t0 = time.monotonic()
+    serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.monotonic() - t0
+    if calibrator is not None and calibrator.error is not None:
+        raise calibrator.error
+    if serialized is None:
+        raise _build_failure(logger, f"building the {precision} engine")
+    log.info("built in %.1f s", build_seconds)
+
+    plan_path = out_dir / "model.plan"
+    view = memoryview(serialized)
+    nbytes = _write_atomic(plan_path, view)
+    sha = hashlib.sha256(view).hexdigest()
+
+    cache_saved = 0
+    if request.get("timing_cache_out"):
+        cache_saved = _write_atomic(Path(str(request["timing_cache_out"])), config.get_timing_cache().serialize())
+        log.info("timing cache: loaded %d bytes, saved %d bytes", cache_loaded, cache_saved)
+
+    runtime = trt.Runtime(logger)
+    if request.get("version_compatible") and hasattr(runtime, "engine_host_code_allowed"):
+        runtime.engine_host_code_allowed = True  # version-compatible plans embed the lean runtime
+    engine = runtime.deserialize_cuda_engine(view)
+    if engine is None:
+        raise _build_failure(logger, "deserializing the engine just built")
+    del serialized, view, trt_profiles, parser, network, config, builder  # free builder memory before eval/bench
+
+    layers_path, precisions, layer_count = None, {}, 0
+    info = compat.engine_information_json(trt, engine, caps)
+    if info:
+        layers_path = out_dir / "layers.json"
+        layers_path.write_text(info)
+        precisions = layer_precisions(info)
+        layer_count = sum(precisions.values())
+
+    response: Dict[str, Any] = {
+        "engine": {"path": str(plan_path), "bytes": nbytes, "sha256": sha, "build_seconds": round(build_seconds, 3),
+                   "parse_seconds": round(parse_seconds, 3), "strongly_typed": plan.strongly_typed,
+                   "builder_flags": flags, "network_flags": list(plan.network_flags), "profiles": profiles,
+                   "plan": plan.to_dict(), "io": engine_io(trt, engine)},
+        "timing_cache": {"loaded_bytes": cache_loaded, "saved_bytes": cache_saved},
+        "layers": {"path": str(layers_path) if layers_path else None, "precisions": precisions, "count": layer_count},
+        "calibration": calibrator.summary() if calibrator is not None else None,
+    }
+    return BuildResult(response=response, engine=engine, runtime=runtime, plan=plan, profiles=profiles)
+
+
+def engine_from_onnx(request: Dict[str, Any]) -> Dict[str, Any]:
+    """Build the engine ``request`` describes; the build part of the ``engine`` response."""
+    return build_engine(request).response
+
+
+def _describe_parser_error(err: Dict[str, Any]) -> str:
+    where = f"node #{err.get('node_index', -1)}"
+    if err.get("node_name"):
+        where += f" {err['node_name']!r}"
+    if err.get("node_op"):
+        where += f" ({err['node_op']})"
+    code = f" [{err['code']}]" if err.get("code") else ""
+    return f"{where}{code}: {err.get('desc', '')}"
+
+
+def _np_dtype(trt: Any, dtype: Any) -> Any:
+    from tasks.gpu.runtime import numpy_dtype
+
+    return numpy_dtype(trt, dtype)
+
+
+def _load_timing_cache(config: Any, path: Optional[str]) -> int:
+    """Attach a timing cache to ``config``: the file's if it exists and matches, else a fresh one."""
+    data = b""
+    if path and Path(path).is_file():
+        data = Path(path).read_bytes()
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, False):
+        return len(data)
+    # A cache of another TensorRT version or GPU is refused: build with a fresh one (and save that).
+    log.warning("timing cache %s does not fit this TensorRT/GPU; starting a fresh one", path)
+    fresh = config.create_timing_cache(b"")
+    config.set_timing_cache(fresh, False)
+    return 0
+
+
+def engine_io(trt: Any, engine: Any) -> List[Dict[str, Any]]:
+    """Name, mode, dtype and shape (-1 dynamic) of each I/O tensor, by the named-tensor API."""
+    out = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = engine.get_tensor_mode(name)
+        out.append({"name": name,
+                    "mode": "input" if mode == trt.TensorIOMode.INPUT else "output",
+                    "dtype": getattr(engine.get_tensor_dtype(name), "name", str(engine.get_tensor_dtype(name))).lower(),
+                    "shape": [int(d) for d in engine.get_tensor_shape(name)]})
+    return out
+
+
+def merge_timing_caches(request: Dict[str, Any], trt: Any = None, logger: Any = None) -> Dict[str, Any]:
+    """The ``merge-cache`` verb: combine timing caches into ``out`` (entries of any of them kept).
+
+    Raises:
+        InfraError: none of the caches exists, or this TensorRT cannot combine caches.
+    """
+    trt = trt or import_tensorrt()
+    logger = logger or make_logger(trt, bool(request.get("verbose")))
+    caps = compat.caps_from_module(trt)
+    if not caps.timing_cache_combine:
+        raise InfraError(f"TensorRT {caps.version} cannot combine timing caches.", fix="Upgrade the worker's TensorRT.")
+    paths = [str(p) for p in request.get("caches") or []]
+    present = [p for p in paths if Path(p).is_file() and Path(p).stat().st_size > 0]
+    if not present:
+        raise InfraError(f"none of the timing caches to merge exists: {paths}.",
+                         fix="Retry the build; the caches are written by the engine step.")
+    builder = create_builder(trt, logger)
+    config = builder.create_builder_config()
+    merged = config.create_timing_cache(b"")
+    combined, skipped = [], []
+    for p in present:
+        cache = config.create_timing_cache(Path(p).read_bytes())
+        # ignore_mismatch: caches written on another GPU of the same model still share entries.
+        if cache is not None and merged.combine(cache, True):
+            combined.append(p)
+        else:
+            skipped.append(p)
+            log.warning("timing cache %s could not be combined (another TensorRT version?)", p)
+    if not combined:
+        raise InfraError(f"no timing cache could be combined: {present}.",
+                         fix="The caches come from another TensorRT version; delete the bucket's cache to start over.",
+                         details=list(logger.errors))
+    nbytes = _write_atomic(Path(str(request["out"])), merged.serialize())
+    return {"out": str(request["out"]), "bytes": nbytes, "combined": combined, "skipped": skipped,
+            "missing": [p for p in paths if p not in present]}

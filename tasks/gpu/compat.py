@@ -1,0 +1,344 @@
+"""Every TensorRT-version decision of trtflow, in one place.
+
+TensorRT's Python API moved a lot between 8.6, 10.x and 11.x (facts from NVIDIA's docs and the
+8.6 bindings):
+
+- 8.6: weakly typed networks only; ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH`` is required for
+  ONNX; FP16/INT8 come from ``BuilderFlag.FP16/INT8``; Q/DQ graphs need the INT8 flag (plus FP16 so
+  the layers left unquantised may run in FP16); implicit INT8 calibration via ``int8_calibrator``.
+- 10.x: both worlds. ``STRONGLY_TYPED`` exists; ``EXPLICIT_BATCH`` is deprecated and ignored (we do
+  not set it); calibrators are deprecated but work; ``device_memory_size_v2`` (10.1+); parser
+  errors name their node (``node_name()``/``node_operator()``).
+- 11.x: strongly typed only. ``BuilderFlag.FP16/INT8``, ``int8_calibrator`` and
+  ``platform_has_fast_fp16/int8`` are removed; ``STRONGLY_TYPED`` is deprecated and ignored; FP16
+  comes from an FP16 ONNX graph, INT8 from Q/DQ nodes; ``device_memory_size`` is removed.
+
+Decisions are made from ``trt.__version__`` and ``hasattr`` on the module, by pure functions that
+run on CPU without tensorrt (``caps_from_module`` takes the module, or a test double of it). The
+small helpers at the end wrap the version-dependent calls on real TensorRT objects.
+
+Python 3.9-compatible; imports only the standard library and tasks.errors.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
+
+from tasks.errors import ModelError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+INT8_MODES = ("qdq", "calibrator")
+GRAPH_PRECISIONS = ("fp32", "fp16")
+
+
+def parse_version(text: str) -> Tuple[int, int, int]:
+    """``"10.7.0.post1"`` -> ``(10, 7, 0)``; missing parts are 0."""
+    parts = [int(p) for p in re.findall(r"\d+", str(text))[:3]]
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What one TensorRT installation offers. Serialised as the probe's ``caps``.
+
+    ``explicit_batch_flag`` means "networks must be created with EXPLICIT_BATCH" (8.x), not merely
+    that the enum member exists (10.x keeps it, deprecated and ignored).
+    """
+
+    version: str = "0.0.0"
+    major: int = 0
+    minor: int = 0
+    patch: int = 0
+    fp16_flag: bool = False
+    int8_flag: bool = False
+    int8_calibrator: bool = False
+    strongly_typed: bool = False         # strongly typed networks can be built
+    strongly_typed_only: bool = False    # ... and nothing else (11.x)
+    strongly_typed_flag: bool = False    # NetworkDefinitionCreationFlag.STRONGLY_TYPED exists
+    explicit_batch_flag: bool = False
+    engine_inspector: bool = False
+    hardware_compatibility: bool = False
+    version_compatible: bool = False
+    optimization_level: bool = False
+    memory_pool_limit: bool = False
+    timing_cache_combine: bool = False
+    parser_node_names: bool = False      # ParserError.node_name()/node_operator()
+    device_memory_size_v2: bool = False
+    int64_tensors: bool = False          # DataType.INT64 (10+); 8.6 narrows int64 inputs to int32
+    execute_async_v3: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Optional[Dict[str, Any]]) -> "Caps":
+        """Rebuild from a probe's ``caps`` (unknown keys ignored), e.g. in the flow to plan builds."""
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _has(obj: Any, *path: str) -> bool:
+    for name in path:
+        if not hasattr(obj, name):
+            return False
+        obj = getattr(obj, name)
+    return True
+
+
+def caps_from_module(trt: Any) -> Caps:
+    """Read a TensorRT module's capabilities from its version and attributes (no GPU needed)."""
+    version = str(getattr(trt, "__version__", "0.0.0"))
+    major, minor, patch = parse_version(version)
+    fp16_flag = _has(trt, "BuilderFlag", "FP16")
+    int8_flag = _has(trt, "BuilderFlag", "INT8")
+    st_flag = _has(trt, "NetworkDefinitionCreationFlag", "STRONGLY_TYPED")
+    strongly_typed_only = major >= 11 or not (fp16_flag or int8_flag)
+    return Caps(
+        version=version, major=major, minor=minor, patch=patch,
+        fp16_flag=fp16_flag,
+        int8_flag=int8_flag,
+        int8_calibrator=int8_flag and _has(trt, "IBuilderConfig", "int8_calibrator")
+        and _has(trt, "IInt8EntropyCalibrator2"),
+        strongly_typed=st_flag or major >= 11,
+        strongly_typed_only=strongly_typed_only,
+        strongly_typed_flag=st_flag,
+        explicit_batch_flag=major < 10 and _has(trt, "NetworkDefinitionCreationFlag", "EXPLICIT_BATCH"),
+        engine_inspector=_has(trt, "ICudaEngine", "create_engine_inspector") and _has(trt, "LayerInformationFormat", "JSON"),
+        hardware_compatibility=_has(trt, "HardwareCompatibilityLevel", "AMPERE_PLUS")
+        and _has(trt, "IBuilderConfig", "hardware_compatibility_level"),
+        version_compatible=_has(trt, "BuilderFlag", "VERSION_COMPATIBLE"),
+        optimization_level=_has(trt, "IBuilderConfig", "builder_optimization_level"),
+        memory_pool_limit=_has(trt, "IBuilderConfig", "set_memory_pool_limit") and _has(trt, "MemoryPoolType", "WORKSPACE"),
+        timing_cache_combine=_has(trt, "ITimingCache", "combine"),
+        parser_node_names=_has(trt, "ParserError", "node_name"),
+        device_memory_size_v2=_has(trt, "ICudaEngine", "device_memory_size_v2"),
+        int64_tensors=_has(trt, "DataType", "INT64"),
+        execute_async_v3=_has(trt, "IExecutionContext", "execute_async_v3"),
+    )
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How to build one engine on one TensorRT: names of flags, resolved by build.py with getattr."""
+
+    precision: str
+    int8_mode: Optional[str]
+    graph_precision: str
+    network_flags: List[str] = field(default_factory=list)   # NetworkDefinitionCreationFlag members
+    builder_flags: List[str] = field(default_factory=list)   # BuilderFlag members
+    strongly_typed: bool = False
+    use_calibrator: bool = False
+    needs_fp16_graph: bool = False  # FP16 must come from an FP16 ONNX graph, which this build lacks
+    notes: List[str] = field(default_factory=list)           # worth a log line (deprecations)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _strongly_typed_network_flags(caps: Caps) -> List[str]:
+    # 10.x needs the flag; 11.x is always strongly typed and only keeps the flag as a deprecated no-op.
+    if caps.strongly_typed_only or not caps.strongly_typed_flag:
+        return []
+    return ["STRONGLY_TYPED"]
+
+
+def plan_build(caps: Caps, precision: str, int8_mode: Optional[str] = None,
+               graph_precision: Optional[str] = "fp32") -> BuildPlan:
+    """Decide network creation flags, builder flags and typing for one engine build.
+
+    Args:
+        caps: the TensorRT installation (``caps_from_module`` or ``Caps.from_dict(probe["caps"])``).
+        precision: "fp32" | "fp16" | "int8".
+        int8_mode: for int8: "qdq" (explicit Q/DQ graph, default) or "calibrator" (implicit).
+        graph_precision: float type of the ONNX graph given: "fp32", or "fp16" for an FP16 graph.
+
+    Returns:
+        The plan. ``needs_fp16_graph`` says the caller must supply an FP16 ONNX graph (TensorRT 11
+        has no FP16 builder flag); build.py refuses such a plan with a ModelError.
+
+    Raises:
+        ModelError: an unknown value or an impossible combination (the implicit calibrator on
+            TensorRT 11, an FP32 engine from an FP16 graph).
+    """
+    graph_precision = graph_precision or "fp32"
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}.", fix=f"Use one of {', '.join(PRECISIONS)}.")
+    if graph_precision not in GRAPH_PRECISIONS:
+        raise ModelError(f"unknown graph precision {graph_precision!r}.", fix=f"Use one of {', '.join(GRAPH_PRECISIONS)}.")
+    if precision != "int8":
+        int8_mode = None
+    elif int8_mode is None:
+        int8_mode = "qdq"
+    if int8_mode is not None and int8_mode not in INT8_MODES:
+        raise ModelError(f"unknown INT8 mode {int8_mode!r}.", fix="Set calibration.mode to qdq or calibrator.")
+    if precision == "fp32" and graph_precision == "fp16":
+        raise ModelError("an FP32 engine cannot be built from an FP16 ONNX graph.",
+                         fix="Build fp32 from the original FP32 model; the FP16 graph is only for fp16 engines.")
+
+    base_flags = ["EXPLICIT_BATCH"] if caps.explicit_batch_flag else []
+    plan = dict(precision=precision, int8_mode=int8_mode, graph_precision=graph_precision)
+    notes: List[str] = []
+
+    def weak(builder_flags: List[str], **extra: Any) -> BuildPlan:
+        return BuildPlan(network_flags=list(base_flags), builder_flags=builder_flags, strongly_typed=False,
+                         notes=notes, **plan, **extra)
+
+    def strong(**extra: Any) -> BuildPlan:
+        return BuildPlan(network_flags=base_flags + _strongly_typed_network_flags(caps), builder_flags=[],
+                         strongly_typed=True, notes=notes, **plan, **extra)
+
+    if precision == "fp32":
+        # An FP32 graph means the same thing typed or untyped; 11.x only knows typed networks.
+        return strong() if caps.strongly_typed_only else weak([])
+
+    if precision == "fp16":
+        if graph_precision == "fp16" and caps.strongly_typed:
+            return strong()  # the graph says which layers are FP16; TensorRT must not retype them
+        if caps.fp16_flag and not caps.strongly_typed_only:
+            return weak(["FP16"])
+        notes.append(f"TensorRT {caps.version} has no FP16 builder flag: FP16 engines come from an FP16 ONNX graph.")
+        return strong(needs_fp16_graph=True)
+
+    # int8
+    if int8_mode == "calibrator":
+        if not (caps.int8_calibrator and caps.int8_flag) or caps.strongly_typed_only:
+            why = ("implicit INT8 calibration was removed in TensorRT 11" if caps.major >= 11 or caps.strongly_typed_only
+                   else "this TensorRT has no implicit INT8 calibrator")
+            raise ModelError(f"{why} (this worker has TensorRT {caps.version}).",
+                             fix="use calibration.mode: qdq (explicit quantisation with Q/DQ nodes)")
+        if caps.major >= 10:
+            notes.append(f"implicit INT8 calibration is deprecated in TensorRT {caps.version}; prefer calibration.mode: qdq.")
+        # FP16 as well, so layers TensorRT cannot run in INT8 fall back to FP16 rather than FP32.
+        return weak(["INT8"] + (["FP16"] if caps.fp16_flag else []), use_calibrator=True)
+    # qdq: the Q/DQ nodes carry the scales. Strongly typed where TensorRT can (10+), so it keeps the
+    # quantisation exactly as the graph says; on 8.6 the INT8 flag is what makes it honour Q/DQ.
+    if caps.strongly_typed:
+        return strong()
+    return weak(["INT8"] + (["FP16"] if caps.fp16_flag else []))
+
+
+def describe_plan(plan: BuildPlan) -> str:
+    """One log line."""
+    typing_ = "strongly typed" if plan.strongly_typed else "weakly typed"
+    mode = f" ({plan.int8_mode})" if plan.int8_mode else ""
+    return (f"{plan.precision}{mode} from a {plan.graph_precision} graph: {typing_}, network flags "
+            f"{plan.network_flags or '[]'}, builder flags {plan.builder_flags or '[]'}"
+            + (", implicit calibrator" if plan.use_calibrator else ""))
+
+
+# ---- version-dependent calls on real TensorRT objects -------------------------------------------
+
+def network_flags_value(trt: Any, names: List[str]) -> int:
+    """OR of ``1 << NetworkDefinitionCreationFlag.<name>`` for each name."""
+    value = 0
+    for name in names:
+        value |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    return value
+
+
+def set_workspace(trt: Any, config: Any, caps: Caps, mib: Optional[int]) -> None:
+    """Limit the builder's workspace (None: TensorRT's default, the whole device)."""
+    if mib is None:
+        return
+    nbytes = int(mib) << 20
+    if caps.memory_pool_limit:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, nbytes)
+    else:  # before 8.4; kept so an old worker says what it does instead of failing
+        config.max_workspace_size = nbytes
+
+
+def set_optimization_level(config: Any, caps: Caps, level: Optional[int]) -> bool:
+    """Set the builder optimisation level where the version has one. Returns whether it was set."""
+    if level is None or not caps.optimization_level:
+        return False
+    config.builder_optimization_level = int(level)
+    return True
+
+
+def set_hardware_compatibility(trt: Any, config: Any, caps: Caps, level: Optional[str]) -> None:
+    """"none" | "ampere_plus" (an engine that runs on any Ampere or newer GPU)."""
+    if not level or level == "none":
+        return
+    if level != "ampere_plus":
+        raise ModelError(f"unknown build.hardware_compatibility {level!r}.", fix="Use none or ampere_plus.")
+    if not caps.hardware_compatibility:
+        raise ModelError(f"TensorRT {caps.version} cannot build hardware-compatible engines.",
+                         fix="Set build.hardware_compatibility: none, or use a worker with TensorRT >= 8.6.")
+    config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+
+
+def version_compatible_flags(caps: Caps, wanted: bool) -> List[str]:
+    """Builder flags for a version-compatible engine (one later TensorRT runtimes can load)."""
+    if not wanted:
+        return []
+    if not caps.version_compatible:
+        raise ModelError(f"TensorRT {caps.version} cannot build version-compatible engines.",
+                         fix="Set build.version_compatible: false, or use a worker with TensorRT >= 8.6.")
+    return ["VERSION_COMPATIBLE"]
+
+
+def parser_error_details(parser: Any, caps: Caps, node_names: Optional[List[str]] = None,
+                         node_ops: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """One dict per ONNX parser error: description, code, node index/name/operator where known.
+
+    8.6 only gives the node index (``error.node()``); 10+ also ``node_name()``/``node_operator()``.
+    ``node_names``/``node_ops`` (from the ONNX graph, by index) fill the gap on 8.6.
+    """
+    out: List[Dict[str, Any]] = []
+    for i in range(int(parser.num_errors)):
+        err = parser.get_error(i)
+        item: Dict[str, Any] = {"desc": str(err.desc())}
+        try:
+            item["code"] = getattr(err.code(), "name", str(err.code()))
+        except Exception:  # noqa: BLE001 - a detail, never worth failing the report over
+            pass
+        index = -1
+        try:
+            index = int(err.node())
+        except Exception:  # noqa: BLE001
+            pass
+        item["node_index"] = index
+        name = op = ""
+        if caps.parser_node_names and hasattr(err, "node_name"):
+            try:
+                name, op = str(err.node_name() or ""), str(err.node_operator() or "")
+            except Exception:  # noqa: BLE001
+                name = op = ""
+        if not name and node_names is not None and 0 <= index < len(node_names):
+            name = node_names[index]
+        if not op and node_ops is not None and 0 <= index < len(node_ops):
+            op = node_ops[index]
+        item["node_name"] = name
+        item["node_op"] = op
+        for attr in ("file", "func", "line"):
+            try:
+                item[attr] = getattr(err, attr)()
+            except Exception:  # noqa: BLE001
+                pass
+        out.append(item)
+    return out
+
+
+def device_memory_bytes(engine: Any) -> int:
+    """Device memory an execution context of ``engine`` needs (v2 on 10.1+, removed v1 on 11)."""
+    for attr in ("device_memory_size_v2", "device_memory_size"):
+        if hasattr(engine, attr):
+            try:
+                return int(getattr(engine, attr))
+            except Exception:  # noqa: BLE001 - try the other spelling
+                continue
+    return 0
+
+
+def engine_information_json(trt: Any, engine: Any, caps: Caps) -> Optional[str]:
+    """The engine inspector's layer information as JSON text, or None where there is no inspector."""
+    if not caps.engine_inspector:
+        return None
+    inspector = engine.create_engine_inspector()
+    if inspector is None:
+        return None
+    return str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
