@@ -92,6 +92,10 @@ def run_gpu(verb: str, request: dict, workdir: Path, timeout_s: float, log_name:
     interpreter = trt_python()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # The H100's /opt/trt/bin/trt-python wrapper replaces PYTHONPATH with its own site folder and
+    # appends only TRT_EXTRA_PYTHONPATH, so the project root must travel there too.
+    env["TRT_EXTRA_PYTHONPATH"] = str(PROJECT_ROOT) + (
+        os.pathsep + env["TRT_EXTRA_PYTHONPATH"] if env.get("TRT_EXTRA_PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     cmd = [interpreter, "-m", "tasks.gpu", verb, str(req_path), str(resp_path)]
     start = time.monotonic()
