@@ -1,0 +1,452 @@
+"""``trtflow up`` / ``trtflow down``: all of trtflow on one machine, from nothing, with one command.
+
+``up`` starts a Prefect server (SQLite under the state folder, or uses ``PREFECT_API_URL``),
+creates the ``cpu`` and ``gpu`` process work pools, applies infra/prefect.yaml's deployments,
+starts a CPU worker and, where ``TRT_PYTHON`` imports TensorRT, one GPU worker per GPU
+(``CUDA_VISIBLE_DEVICES=<i>``, ``--limit 1``). The bucket defaults to a folder in the state
+folder (``file://<state>/bucket``). Every process it starts is recorded in ``<state>/stack.json``
+with its start time, so ``down`` stops exactly those (and what they started), never a process that
+merely reused a PID.
+
+Environment: ``TRTFLOW_HOME`` (state folder, default ./.trtflow), ``TRTFLOW_BUCKET``,
+``TRTFLOW_GPUS`` ("0,1", or "none"), ``PREFECT_API_URL`` (use that server),
+``PREFECT_API_DATABASE_CONNECTION_URL`` (the started server's database, e.g. PostgreSQL),
+``TRTFLOW_S3_ENDPOINT_URL`` (MinIO); see infra/README.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from flows.deploy import PROJECT_ROOT, DeploySettings, apply_deployments, ensure_work_pools, prefect_command
+from tasks.errors import InfraError
+
+log = logging.getLogger("trtflow.stack")
+
+STACK_FILE = "stack.json"
+DEFAULT_PORT = 4200
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("TRTFLOW_HOME") or Path.cwd() / ".trtflow").resolve()
+
+
+@dataclass
+class StackOptions:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    bucket: Optional[str] = None           # default: file://<state>/bucket
+    api_url: Optional[str] = None          # an existing Prefect server; None starts one
+    gpus: Optional[List[str]] = None       # GPU indices for GPU workers; None detects
+    watch_interval: Optional[float] = 30.0
+    settle_seconds: Optional[float] = 30.0
+    nightly_cron: Optional[str] = None     # None keeps infra/prefect.yaml's (02:00 UTC)
+    code_dir: Path = PROJECT_ROOT
+    timeout_s: float = 180.0
+
+
+@dataclass
+class Proc:
+    """One process ``up`` started (the leader of its own session)."""
+
+    role: str
+    pid: int
+    start_ticks: int      # /proc/<pid>/stat starttime: tells our process from a later one with its PID
+    cmd: List[str]
+    log: str
+
+
+@dataclass
+class StackInfo:
+    state_dir: str
+    api_url: str
+    ui_url: str
+    bucket: str
+    drop_folder: Optional[str]
+    gpus: List[str]
+    gpu_note: str
+    processes: List[Proc] = field(default_factory=list)
+
+    def save(self) -> None:
+        path = Path(self.state_dir) / STACK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Optional["StackInfo"]:
+        path = Path(state_dir) / STACK_FILE
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        data["processes"] = [Proc(**p) for p in data.get("processes", [])]
+        return cls(**data)
+
+
+# ---- processes ---------------------------------------------------------------------------------
+def _start_ticks(pid: int) -> Optional[int]:
+    """Start time of ``pid`` in clock ticks since boot, or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may contain spaces and parentheses, so split after it.
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def _running(pid: int, ticks: int) -> bool:
+    """``pid`` is still the process that started at ``ticks`` and has not exited (zombies have)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0] != "Z" and int(fields[19]) == ticks
+
+
+def _alive(proc: Proc) -> bool:
+    return _running(proc.pid, proc.start_ticks)
+
+
+def _descendants(pid: int) -> List[Tuple[int, int]]:
+    """(pid, start ticks) of every live descendant of ``pid`` (flow runs, GPU builds, uvicorn)."""
+    children: Dict[int, List[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        ticks = _start_ticks(p)
+        if ticks is not None:
+            out.append((p, ticks))
+            todo.extend(children.get(p, []))
+    return out
+
+
+def _spawn(role: str, cmd: List[str], env: dict, log_dir: Path, cwd: Path) -> Proc:
+    log_path = log_dir / f"{role}.log"
+    with open(log_path, "ab") as out:
+        # A session of its own: `down` can signal the process group, and a Ctrl-C in the terminal
+        # that ran `trtflow up` does not take the stack with it.
+        p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    return Proc(role, p.pid, _start_ticks(p.pid) or 0, cmd, str(log_path))
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _signal(pid: int, ticks: int, sig: int) -> None:
+    if not _running(pid, ticks):
+        return  # gone, or the PID now belongs to someone else
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_processes(procs: List[Proc], timeout_s: float = 30.0) -> List[str]:
+    """SIGTERM each recorded process that is still ours and its descendants; SIGKILL what remains."""
+    targets: List[Tuple[int, int, str]] = []
+    for proc in reversed(procs):  # workers before the server they report to
+        if not _alive(proc):
+            continue
+        targets += [(pid, ticks, f"{proc.role} child") for pid, ticks in _descendants(proc.pid)]
+        targets.append((proc.pid, proc.start_ticks, proc.role))
+    for pid, ticks, _ in targets:
+        _signal(pid, ticks, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_running(p, t) for p, t, _ in targets):
+        _reap()
+        time.sleep(0.2)  # waiting for processes to exit (a condition), with a deadline
+    for pid, ticks, _ in targets:
+        _signal(pid, ticks, signal.SIGKILL)
+    _reap()
+    return [f"{role} (pid {pid})" for pid, _, role in targets if "child" not in role]
+
+
+def _reap() -> None:
+    """Collect exit statuses of our own children (when ``down`` runs in the process that ran ``up``)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+# ---- readiness ---------------------------------------------------------------------------------
+def wait_for_api(api_url: str, timeout_s: float, server: Optional[Proc] = None) -> None:
+    """Wait until ``<api_url>/health`` answers; fail early if the server process died."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        if server is not None and not _alive(server):
+            raise InfraError(f"the Prefect server exited during start-up. Last lines of {server.log}:\n"
+                             + _tail(server.log),
+                             fix="See the log; a port in use or a bad PREFECT_API_DATABASE_CONNECTION_URL are usual.")
+        try:
+            with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as err:
+            last = str(err)
+        time.sleep(0.5)  # polling for readiness, bounded by the deadline
+    raise InfraError(f"the Prefect API at {api_url} did not answer within {timeout_s:.0f} s ({last}).",
+                     fix="Check that the server runs and PREFECT_API_URL ends in /api.")
+
+
+def wait_for_workers(expected: Dict[str, List[str]], timeout_s: float, procs: List[Proc]) -> None:
+    """Wait until every named worker has sent a heartbeat to its pool."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    missing: List[str] = []
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.role.startswith("worker") and not _alive(proc):
+                raise InfraError(f"{proc.role} exited during start-up. Last lines of {proc.log}:\n{_tail(proc.log)}",
+                                 fix="See the worker log.")
+        missing = []
+        with get_client(sync_client=True) as client:
+            for pool, names in expected.items():
+                online = {w.name for w in client.read_workers_for_work_pool(pool)
+                          if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"}
+                missing += [f"{pool}/{n}" for n in names if n not in online]
+        if not missing:
+            return
+        time.sleep(0.5)  # polling worker heartbeats, bounded by the deadline
+    raise InfraError(f"workers {', '.join(missing)} did not come online within {timeout_s:.0f} s.",
+                     fix="See the worker logs under the state folder's logs/.")
+
+
+# ---- GPUs --------------------------------------------------------------------------------------
+def detect_gpus(workdir: Path) -> Tuple[List[str], str]:
+    """GPU indices to start workers for, and a sentence saying why.
+
+    ``TRTFLOW_GPUS`` decides when set ("0,1" or "none"). Otherwise TensorRT must import in
+    ``TRT_PYTHON`` (probe_gpu), and ``nvidia-smi`` lists the GPUs (one GPU if it is missing).
+    """
+    from tasks.gpu_client import probe_gpu, trt_python
+
+    forced = os.environ.get("TRTFLOW_GPUS")
+    if forced is not None:
+        ids = [g.strip() for g in forced.split(",") if g.strip() and g.strip().lower() != "none"]
+        return ids, f"TRTFLOW_GPUS={forced!r}"
+    try:
+        env = probe_gpu(Path(workdir), timeout_s=120)
+    except Exception as err:  # noqa: BLE001 - any failure means "no GPU worker here", reported to the user
+        reason = getattr(err, "message", None) or str(err)
+        return [], f"no GPU worker: TensorRT did not load in {trt_python()} ({reason.splitlines()[0]})"
+    ids = ["0"]
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30)
+            ids = [line.strip() for line in out.stdout.splitlines() if line.strip()] or ids
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return ids, f"TensorRT {env.tensorrt} on {env.gpu} ({len(ids)} GPU(s))"
+
+
+# ---- up / down ---------------------------------------------------------------------------------
+def _free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def up(opts: StackOptions) -> StackInfo:
+    """Start the stack described by ``opts``; raises InfraError (after stopping what it started) on failure."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    state = Path(opts.state_dir).resolve()
+    previous = StackInfo.load(state)
+    if previous and any(_alive(p) for p in previous.processes):
+        raise InfraError(f"a trtflow stack from {state} is already running (UI {previous.ui_url}).",
+                         fix="Run `trtflow down` first, or pass another --state-dir.")
+    logs = state / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    prefect_home = state / "prefect"
+    prefect_home.mkdir(exist_ok=True)
+    bucket = opts.bucket or (state / "bucket").as_uri()
+    drop_folder = None
+    if bucket.startswith("file://") or "://" not in bucket:
+        from tasks.storage import open_storage
+
+        root = Path(open_storage(bucket).root)  # type: ignore[attr-defined]
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        drop_folder = str(root / "models")
+
+    base_env = dict(os.environ)
+    base_env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                    PYTHONPATH=str(opts.code_dir) + (os.pathsep + base_env["PYTHONPATH"] if base_env.get("PYTHONPATH") else ""))
+    procs: List[Proc] = []
+    info = StackInfo(str(state), "", "", bucket, drop_folder, [], "", procs)
+    try:
+        if opts.api_url:
+            api_url = opts.api_url.rstrip("/")
+            wait_for_api(api_url, opts.timeout_s)
+        else:
+            if not _free(opts.host, opts.port):
+                raise InfraError(f"port {opts.port} on {opts.host} is in use.",
+                                 fix="Pass --port, or stop what listens there.")
+            server_env = {k: v for k, v in base_env.items() if k != "PREFECT_API_URL"}
+            procs.append(_spawn("server", prefect_command() + ["server", "start", "--host", opts.host,
+                                                                 "--port", str(opts.port)],
+                                server_env, logs, state))
+            info.save()  # from here on, `trtflow down` can clean up even if `up` is interrupted
+            api_url = f"http://{opts.host}:{opts.port}/api"
+            wait_for_api(api_url, opts.timeout_s, procs[0])
+        info.api_url, info.ui_url = api_url, api_url[:-len("/api")] if api_url.endswith("/api") else api_url
+
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            ensure_work_pools()
+            apply_deployments(DeploySettings(bucket, opts.code_dir, opts.watch_interval, opts.settle_seconds,
+                                             opts.nightly_cron), api_url, state, base_env)
+            gpus, note = (opts.gpus, "chosen by the caller") if opts.gpus is not None else detect_gpus(state / "probe")
+            info.gpus, info.gpu_note = list(gpus), note
+
+            host = socket.gethostname()
+            worker_env = dict(base_env, PREFECT_API_URL=api_url, TRTFLOW_BUCKET=bucket)
+            expected: Dict[str, List[str]] = {"cpu": [f"cpu-{host}"], "gpu": []}
+            procs.append(_spawn("worker-cpu", prefect_command() + ["worker", "start", "--pool", "cpu", "--type",
+                                                                     "process", "--name", f"cpu-{host}"],
+                                worker_env, logs, opts.code_dir))
+            for gpu in gpus:
+                name = f"gpu{gpu}-{host}"
+                expected["gpu"].append(name)
+                # --limit 1: a worker never runs two conversions; gpu_slot guards the GPU itself.
+                procs.append(_spawn(f"worker-gpu{gpu}", prefect_command() + [
+                    "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1", "--name", name],
+                    dict(worker_env, CUDA_VISIBLE_DEVICES=str(gpu)), logs, opts.code_dir))
+            info.save()
+            wait_for_workers(expected, opts.timeout_s, procs)
+    except BaseException:
+        stop_processes(procs)
+        (state / STACK_FILE).unlink(missing_ok=True)
+        raise
+    info.save()
+    log.info("trtflow is up: UI %s, bucket %s", info.ui_url, bucket)
+    return info
+
+
+def down(state_dir: Path, timeout_s: float = 30.0) -> List[str]:
+    """Stop the processes ``up`` recorded in ``state_dir`` (and their children); returns what was stopped."""
+    info = StackInfo.load(Path(state_dir))
+    if info is None:
+        return []
+    stopped = stop_processes(info.processes, timeout_s)
+    (Path(state_dir) / STACK_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+def status(state_dir: Path) -> Optional[Dict[str, bool]]:
+    """{role: running} for the stack recorded in ``state_dir`` (None when there is none)."""
+    info = StackInfo.load(Path(state_dir))
+    return None if info is None else {p.role: _alive(p) for p in info.processes}
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def register(app) -> None:
+    """Add ``up``, ``down``, ``deploy`` and ``watch`` to the trtflow typer app."""
+
+    import typer
+
+    def _gpus(value: Optional[str]) -> Optional[List[str]]:
+        if value is None:
+            return None
+        return [g.strip() for g in value.split(",") if g.strip() and g.strip().lower() != "none"]
+
+    @app.command("up")
+    def up_cmd(
+        state_dir: Optional[Path] = typer.Option(None, envvar="TRTFLOW_HOME", help="State folder (default ./.trtflow)."),
+        port: int = typer.Option(DEFAULT_PORT, help="Port of the Prefect server and UI."),
+        host: str = typer.Option("127.0.0.1", help="Address the server listens on."),
+        bucket: Optional[str] = typer.Option(None, envvar="TRTFLOW_BUCKET",
+                                        help="s3://bucket[/prefix] or a folder (default <state>/bucket)."),
+        api_url: Optional[str] = typer.Option(None, envvar="PREFECT_API_URL",
+                                         help="Use this Prefect server instead of starting one."),
+        gpus: Optional[str] = typer.Option(None, envvar="TRTFLOW_GPUS",
+                                      help="GPU indices for GPU workers, e.g. 0,1 or none (default: detect)."),
+        watch_interval: float = typer.Option(30.0, help="Seconds between bucket polls."),
+        settle_seconds: float = typer.Option(30.0, help="A model must be unchanged this long before conversion."),
+    ) -> None:
+        """Start Prefect, work pools, deployments, workers and a local bucket on this machine."""
+        info = up(StackOptions(state_dir or default_state_dir(), host, port, bucket, api_url, _gpus(gpus),
+                               watch_interval, settle_seconds))
+        typer.echo(f"Prefect UI:       {info.ui_url}")
+        typer.echo(f"Bucket:           {info.bucket}")
+        if info.drop_folder:
+            typer.echo(f"Drop models into: {info.drop_folder}   (e.g. cp resnet50.onnx {info.drop_folder}/)")
+        typer.echo(f"GPU workers:      {', '.join(info.gpus) or 'none'} - {info.gpu_note}")
+        typer.echo(f"Logs:             {Path(info.state_dir) / 'logs'}")
+        typer.echo("Stop with:        trtflow down")
+
+    @app.command("down")
+    def down_cmd(state_dir: Optional[Path] = typer.Option(None, envvar="TRTFLOW_HOME",
+                                                     help="State folder (default ./.trtflow).")) -> None:
+        """Stop exactly the processes `trtflow up` started."""
+        stopped = down(state_dir or default_state_dir())
+        typer.echo("Stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+    @app.command("deploy")
+    def deploy_cmd(
+        bucket: str = typer.Option(..., envvar="TRTFLOW_BUCKET", help="s3://bucket[/prefix] the deployments watch."),
+        api_url: str = typer.Option(..., envvar="PREFECT_API_URL", help="The Prefect API, e.g. http://host:4200/api."),
+        watch_interval: Optional[float] = typer.Option(None, help="Seconds between bucket polls (default 30)."),
+        settle_seconds: Optional[float] = typer.Option(None, help="Settle time before conversion (default 30)."),
+        nightly_cron: Optional[str] = typer.Option(None, help="Cron (UTC) of nightly-rebuild (default 0 2 * * *)."),
+    ) -> None:
+        """Create the work pools and apply infra/prefect.yaml's deployments to a running server."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        state = default_state_dir()
+        state.mkdir(parents=True, exist_ok=True)
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            pools = ensure_work_pools()
+            log_path = apply_deployments(DeploySettings(bucket, PROJECT_ROOT, watch_interval, settle_seconds,
+                                                        nightly_cron), api_url, state)
+        typer.echo(f"Work pools: {pools}. Deployments applied (log: {log_path}).")
+
+    @app.command("watch")
+    def watch_cmd(
+        bucket: str = typer.Option(..., envvar="TRTFLOW_BUCKET", help="s3://bucket[/prefix] or a folder."),
+        settle_seconds: float = typer.Option(30.0, help="A model must be unchanged this long."),
+    ) -> None:
+        """Poll the bucket once now (as the watch-bucket deployment does) and start due conversions."""
+        from flows.watch import watch_bucket
+
+        result = watch_bucket(bucket, settle_seconds)
+        for s in result["started"]:
+            typer.echo(f"started {s['name']}: flow run {s['flow_run_id']}")
+        if result["waiting"]:
+            typer.echo("settling: " + ", ".join(result["waiting"]))
