@@ -37,6 +37,10 @@ class Precision(str, Enum):
     FP16 = "fp16"
     INT8 = "int8"
 
+    def __str__(self) -> str:
+        # Defaults are members, parsed values plain strings (use_enum_values): both must print "int8".
+        return self.value
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
