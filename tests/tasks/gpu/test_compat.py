@@ -8,11 +8,13 @@ Python API has them in each version (8.6 from its bindings; 10.x/11.x from the A
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from types import SimpleNamespace
 
 import pytest
 
-from tasks.errors import ModelError
+from tasks.errors import InfraError, ModelError
 from tasks.gpu import compat
 
 
@@ -234,3 +236,17 @@ def test_caps_of_the_real_tensorrt_module():
     else:
         assert caps.strongly_typed_only and not caps.int8_calibrator
     assert caps.engine_inspector and caps.timing_cache_combine and caps.execute_async_v3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="this interpreter has tensorrt")
+def test_probe_without_tensorrt_fails_cleanly_naming_trt_python(tmp_path, monkeypatch):
+    """`python -m tasks.gpu probe` in this interpreter: ok=false, kind infra, a fix naming TRT_PYTHON."""
+    from tasks.gpu_client import probe_gpu
+
+    monkeypatch.delenv("TRT_PYTHON", raising=False)
+    with pytest.raises(InfraError) as err:
+        probe_gpu(tmp_path, timeout_s=120)
+    assert f"TensorRT cannot be imported in {sys.executable}" in err.value.message
+    assert "TRT_PYTHON" in err.value.fix and "/opt/trt/bin/trt-python" in err.value.fix
+    response = json.loads((tmp_path / "probe.response.json").read_text())
+    assert response["ok"] is False and response["error"]["kind"] == "infra"

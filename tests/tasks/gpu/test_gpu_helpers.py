@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.errors import InfraError, ModelError
+from tasks.errors import ModelError
 from tasks.gpu.bench import latency_stats, synthetic_inputs
 from tasks.gpu.build import layer_precisions, resolve_profiles
 from tasks.gpu.calibrator import check_calibration_batches, npz_headers
@@ -167,20 +167,6 @@ def test_unknown_verb_and_unreadable_request_still_answer(tmp_path):
     assert out["ok"] is False and out["error"]["kind"] == "infra" and "transmogrify" in out["error"]["message"]
     out = _main(tmp_path, "probe", "{not json")
     assert out["ok"] is False and out["error"]["kind"] == "infra" and "cannot read the GPU request" in out["error"]["message"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="this interpreter has tensorrt")
-def test_probe_without_tensorrt_fails_cleanly_naming_trt_python(tmp_path, monkeypatch):
-    """`python -m tasks.gpu probe` in this interpreter: ok=false, kind infra, a fix naming TRT_PYTHON."""
-    from tasks.gpu_client import probe_gpu
-
-    monkeypatch.delenv("TRT_PYTHON", raising=False)
-    with pytest.raises(InfraError) as err:
-        probe_gpu(tmp_path, timeout_s=120)
-    assert f"TensorRT cannot be imported in {sys.executable}" in err.value.message
-    assert "TRT_PYTHON" in err.value.fix and "/opt/trt/bin/trt-python" in err.value.fix
-    response = json.loads((tmp_path / "probe.response.json").read_text())
-    assert response["ok"] is False and response["error"]["kind"] == "infra"
 
 
 # ---- the Python 3.9 and import rules of tasks/gpu ---------------------------------------------------
