@@ -18,8 +18,12 @@ interpreter too.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
-from typing import Dict, Tuple
+import glob
+import os
+from typing import Dict, Iterator, Tuple
 
 import numpy as np
 import onnx
@@ -170,6 +174,39 @@ def train(seed: int = 0, samples: int = 2048, epochs: int = 6, batch: int = 64, 
     return params
 
 
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run numpy's OpenBLAS single-threaded for a while.
+
+    The matrices here are small; on a busy 2-core machine OpenBLAS's threads fight other processes and
+    training took 35 s instead of 7 (measured). threadpoolctl does this properly but is not a
+    dependency; when numpy's OpenBLAS cannot be found this does nothing.
+    """
+    base = os.path.dirname(np.__file__)
+    libs = glob.glob(os.path.join(base + ".libs", "*openblas*")) + glob.glob(os.path.join(base, ".libs", "*openblas*"))
+    setter = getter = None
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, name) and hasattr(lib, name.replace("_set_", "_get_")):
+                setter, getter = getattr(lib, name), getattr(lib, name.replace("_set_", "_get_"))
+                break
+        if setter is not None:
+            break
+    if setter is None:
+        yield
+        return
+    before = int(getter())
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
 # ---- ONNX ---------------------------------------------------------------------------------------
 def to_onnx(params: Dict[str, np.ndarray]) -> onnx.ModelProto:
     """The trained network as an ONNX model with a dynamic batch axis ("images" -> "logits")."""
@@ -199,7 +236,8 @@ def to_onnx(params: Dict[str, np.ndarray]) -> onnx.ModelProto:
 
 @functools.lru_cache(maxsize=4)
 def _trained(seed: int):
-    params = train(seed)
+    with _one_blas_thread():
+        params = train(seed)
     eval_x, eval_y = make_bars(512, seed=seed + 100)
     calib_x, _ = make_bars(128, seed=seed + 200)
     return params, eval_x, eval_y, calib_x
