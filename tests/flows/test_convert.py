@@ -1,0 +1,161 @@
+"""convert-model under prefect_test_harness, the GPU subprocess replaced by the onnxruntime test double."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.convert import convert_model
+from flows.params import ConvertRequest
+from tasks.errors import InfraError, ModelError
+from tasks.package import latest_key, status_key
+from tasks.storage import LocalStorage, S3Storage, sha256_file
+from tests import models
+from tests.doubles import make_trt_python_double
+
+
+@pytest.fixture
+def gpu_double(tmp_path_factory, monkeypatch):
+    """TRT_PYTHON points at the test double (onnxruntime in place of TensorRT)."""
+    script = make_trt_python_double(tmp_path_factory.mktemp("double"))
+    monkeypatch.setenv("TRT_PYTHON", str(script))
+    for var in ("TRTFLOW_DOUBLE_FAIL", "TRTFLOW_DOUBLE_NOISE_INT8", "TRTFLOW_DOUBLE_NOISE_FP16"):
+        monkeypatch.delenv(var, raising=False)
+    return script
+
+
+@pytest.fixture
+def bucket(tmp_path):
+    root = tmp_path / "bucket"
+    models.save(models.small_cnn(), root / "models" / "cnn.onnx")
+    return root
+
+
+@pytest.fixture
+def write_log(monkeypatch):
+    """A spy on LocalStorage writes: the order in which keys were written."""
+    order = []
+    real_write, real_upload = LocalStorage.write_bytes, LocalStorage.upload
+
+    def write_bytes(self, key, data, content_type=None):
+        order.append(key)
+        return real_write(self, key, data, content_type)
+
+    def upload(self, src, key, content_type=None):
+        order.append(key)
+        return real_upload(self, src, key, content_type)
+
+    monkeypatch.setattr(LocalStorage, "write_bytes", write_bytes)
+    monkeypatch.setattr(LocalStorage, "upload", upload)
+    return order
+
+
+def _convert(uri, **kw):
+    return convert_model(ConvertRequest(model_uri=str(uri), **kw))
+
+
+def test_publishes_engine_manifest_and_latest_last(prefect_harness, gpu_double, bucket, write_log):
+    summary = _convert(bucket / "models" / "cnn.onnx", precisions=["fp16", "fp32"])
+    assert summary["status"] == "published"
+    assert summary["latest"]["precision"] == "fp16"
+    assert list(summary["engines"]) == ["fp16"]  # fallback: fp16 passed, fp32 not needed
+    store = LocalStorage(bucket)
+    sha = sha256_file(bucket / "models" / "cnn.onnx")
+    latest = store.read_json(latest_key("cnn"))
+    manifest = store.read_json(latest["manifest"])
+    assert manifest["schema"] == "trtflow.manifest/v1"
+    assert manifest["model"]["sha256"] == sha
+    assert manifest["precision"] == "fp16"
+    assert manifest["target"]["tensorrt"] == "0.0.0-double"
+    assert manifest["engine"]["sha256"] == sha256_file(bucket / latest["engine"])
+    assert manifest["accuracy"]["gate"]["passed"] is True
+    assert manifest["accuracy"]["metrics"]["logits"]["cosine"] > 0.9999
+    assert manifest["benchmark"]["tensorrt"]["latency_ms"]["p50"] > 0
+    assert manifest["flow_run_id"]
+    assert {"model.plan", "build.log", "reproduce.sh", "request.json"} <= set(manifest["files"])
+    assert latest["engine"].startswith(f"engines/cnn/{sha[:12]}/sm_00-trt0.0.0-double/")
+    # ordering: engine before its manifest, conversion record after the engines, latest.json last
+    engine_writes = [k for k in write_log if k.startswith("engines/")]
+    assert engine_writes[-1] == latest_key("cnn")
+    assert write_log.index(latest["engine"]) < write_log.index(latest["manifest"]) < write_log.index(latest["conversion"])
+    status = store.read_json(status_key("cnn", sha))
+    assert status["status"] == "published" and status["latest"] == latest["engine"]
+
+
+def test_second_run_is_a_cache_hit_unless_forced(prefect_harness, gpu_double, bucket):
+    first = _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"])
+    assert first["status"] == "published"
+    again = _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"])
+    assert again["status"] == "cached"
+    assert again["latest"]["engine"] == first["latest"]["engine"]
+    forced = _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"], force=True)
+    assert forced["status"] == "published"
+    # a changed spec is a different engine key: no cache hit
+    changed = _convert(bucket / "models" / "cnn.onnx", precisions=["fp16"])
+    assert changed["status"] == "published"
+
+
+def test_strategy_all_publishes_every_passing_precision(prefect_harness, gpu_double, bucket):
+    summary = _convert(bucket / "models" / "cnn.onnx", precisions=["fp16", "fp32"], strategy="all")
+    assert set(summary["engines"]) == {"fp16", "fp32"}
+    assert summary["latest"]["precision"] == "fp16"
+
+
+def test_failed_gate_falls_back_and_is_recorded(prefect_harness, gpu_double, bucket, monkeypatch):
+    monkeypatch.setenv("TRTFLOW_DOUBLE_NOISE_FP16", "2.0")  # the double's fp16 outputs are far off
+    summary = _convert(bucket / "models" / "cnn.onnx", precisions=["fp16", "fp32"])
+    assert summary["results"] == {"fp16": "failed-gate", "fp32": "passed"}
+    assert summary["latest"]["precision"] == "fp32"
+    store = LocalStorage(bucket)
+    conversion = store.read_json(store.read_json(latest_key("cnn"))["conversion"])
+    fp16 = conversion["precisions"]["fp16"]
+    assert fp16["gate"]["passed"] is False and fp16["gate"]["failures"]
+    assert fp16["gate"]["metrics"]["logits"]["cosine"] < 0.999
+
+
+def test_corrupt_model_writes_status_and_other_models_still_convert(prefect_harness, gpu_double, bucket):
+    (bucket / "models" / "broken.onnx").write_bytes(b"\x08\x07this is not a protobuf")
+    with pytest.raises(ModelError):
+        _convert(bucket / "models" / "broken.onnx", precisions=["fp32"])
+    store = LocalStorage(bucket)
+    status = store.read_json(status_key("broken", sha256_file(bucket / "models" / "broken.onnx")))
+    assert status["status"] == "failed" and status["stage"] == "validate"
+    assert status["error"]["kind"] == "model" and status["error"]["fix"]
+    assert store.head(latest_key("broken")) is None
+    assert _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"])["status"] == "published"
+
+
+def test_gpu_crash_is_recorded_with_the_signal(prefect_harness, gpu_double, bucket, monkeypatch):
+    monkeypatch.setenv("TRTFLOW_DOUBLE_FAIL", "crash")
+    with pytest.raises(InfraError) as info:
+        _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"])
+    assert "SIGSEGV" in str(info.value)
+    store = LocalStorage(bucket)
+    status = store.read_json(status_key("cnn", sha256_file(bucket / "models" / "cnn.onnx")))
+    assert status["status"] == "failed" and "SIGSEGV" in json.dumps(status["error"])
+
+
+def test_without_tensorrt_stops_at_gpu_stage_naming_the_setting(prefect_harness, bucket, monkeypatch):
+    monkeypatch.setenv("TRT_PYTHON", sys.executable)  # the real tasks/gpu, in an interpreter without tensorrt
+    with pytest.raises(InfraError) as info:
+        _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"])
+    assert "TensorRT cannot be imported" in str(info.value) and "TRT_PYTHON" in str(info.value)
+    store = LocalStorage(bucket)
+    status = store.read_json(status_key("cnn", sha256_file(bucket / "models" / "cnn.onnx")))
+    assert status["status"] == "failed" and status["stage"] == "gpu-probe"
+    assert "TRT_PYTHON" in status["error"]["message"] + (status["error"]["fix"] or "")
+
+
+def test_converts_from_s3_and_publishes_there(prefect_harness, gpu_double, moto_s3, tmp_path):
+    storage: S3Storage = moto_s3
+    path = models.save(models.two_input_model(), tmp_path / "m.onnx")
+    storage.upload(path, "models/two/model.onnx")
+    summary = _convert(storage.url("models/two/"), precisions=["fp32"])
+    assert summary["status"] == "published"
+    latest = storage.read_json(latest_key("two"))
+    assert storage.head(latest["engine"]) is not None
+    manifest = storage.read_json(latest["manifest"])
+    assert {i["name"] for i in manifest["model"]["inputs"]} == {"features", "ids"}
