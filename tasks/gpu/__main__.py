@@ -108,7 +108,10 @@ def engine(request: Dict[str, Any]) -> Dict[str, Any]:
     response.update({"eval": None, "bench": None})
     if request.get("eval") or request.get("bench"):
         runner = EngineRunner(built.engine, trt=trt, runtime=built.runtime)
-        response.update(_eval_and_bench(runner, request))
+        try:
+            response.update(_eval_and_bench(runner, request))
+        finally:
+            runner.close()
     return response
 
 
@@ -126,7 +129,10 @@ def run(request: Dict[str, Any]) -> Dict[str, Any]:
     from tasks.gpu.build import engine_io
 
     response["io"] = engine_io(trt, runner.engine)
-    response.update(_eval_and_bench(runner, request))
+    try:
+        response.update(_eval_and_bench(runner, request))
+    finally:
+        runner.close()
     return response
 
 

@@ -333,8 +333,11 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
     if not parser.parse_from_file(str(onnx_path)):
         names, ops = onnx_node_table(str(onnx_path))
         errors = compat.parser_error_details(parser, caps, names, ops)
-        first = errors[0] if errors else {"desc": "no parser error recorded", "node_name": "", "node_op": ""}
-        where = f"node {first.get('node_name') or '?'!r} ({first.get('node_op') or '?'}, #{first.get('node_index', -1)})"
+        first = errors[0] if errors else {"desc": "no parser error recorded", "node_index": -1}
+        if first.get("node_index", -1) >= 0 or first.get("node_name"):
+            where = f"node {first.get('node_name') or '?'!r} ({first.get('node_op') or '?'}, #{first.get('node_index', -1)})"
+        else:
+            where = "the model level (no node)"
         raise ModelError(f"TensorRT {caps.version}'s ONNX parser rejected the model at {where}: {first.get('desc')}",
                          fix="Check the model's opset and ops against TensorRT's ONNX operator support for this "
                              "version (onnx-tensorrt's operators.md); replace or remove unsupported ops, or export "

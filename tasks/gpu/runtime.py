@@ -320,6 +320,15 @@ class EngineRunner:
         self.launch()
         return self.fetch()
 
+    def close(self) -> None:
+        """Free the device buffers and the context now (while the CUDA context is still current)."""
+        self.stream.synchronize()
+        for buf in self._buffers.values():
+            if buf.device is not None:
+                buf.device.free()
+                buf.device, buf.host, buf.capacity = None, None, 0
+        self.context = None
+
     def device_memory_bytes(self) -> int:
         from tasks.gpu.compat import device_memory_bytes
 
