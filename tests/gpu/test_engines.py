@@ -188,7 +188,7 @@ def test_two_inputs_of_different_dtypes(tmp_path):
     assert min(cos.values()) >= COSINE["fp32"], cos
     got, want = np.load(resp["eval"]["outputs"]), reference(model, inputs)
     for key in want:
-        np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-2, atol=1e-2)  # TF32 is on by default
 
 
 SEGFAULT_DOUBLE = '''"""TEST DOUBLE written by tests/gpu/test_engines.py: makes TensorRT's engine build segfault,
