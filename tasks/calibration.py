@@ -17,7 +17,8 @@ them into tensors, so it is a cache key for Q/DQ models and calibration caches.
 Without data, INT8 needs ``calibration.synthetic: true``: seeded random inputs at the calibration
 profile's opt shape, flagged ``synthetic`` with a ``note`` that accuracy is not representative.
 
-numpy and Pillow only; Prefect appears in the thin @task wrapper at the end.
+numpy and Pillow (for images) only; Prefect appears in the thin @task wrapper at the end, and only
+when installed: the TensorRT interpreter (Python 3.9) imports this module without it.
 """
 from __future__ import annotations
 
@@ -593,22 +594,32 @@ class CalibrationReader(_reader_base()):  # type: ignore[misc]
 
 
 # ---- Prefect --------------------------------------------------------------------------------------
-def _task(fn):
-    from prefect import task
-
+def _retry_condition(task_obj, task_run, state) -> bool:
+    """Prefect retry condition: InfraErrors (and surprises) are retried, ModelErrors never."""
     from tasks.errors import is_retriable
 
-    def retry_condition(task_obj, task_run, state) -> bool:
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - the state's own exception, classified below
+        return is_retriable(exc)
+    return False
+
+
+def prefect_task(**options):
+    """Prefect's ``@task(**options)``; where Prefect is not installed (the TensorRT interpreter, which
+    runs the GPU tests' calibration and quantisation) the plain function, so the pure stage still imports."""
+    def wrap(fn):
         try:
-            state.result()
-        except BaseException as exc:  # noqa: BLE001 - the state's own exception, classified below
-            return is_retriable(exc)
-        return False
+            from prefect import task
+            from prefect.cache_policies import NO_CACHE
+        except ImportError:
+            return fn
+        # NO_CACHE: results name files in a work folder that a later run may not have
+        return task(retry_condition_fn=_retry_condition, cache_policy=NO_CACHE, **options)(fn)
+    return wrap
 
-    return task(name="calibration-batches", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_condition)(fn)
 
-
-@_task
+@prefect_task(name="calibration-batches", retries=1, retry_delay_seconds=[5])
 def calibration_batches_task(folder: Optional[str], spec: ModelSpec, inputs: List[dict], out_dir: str,
                              profiles: Optional[List[dict]] = None) -> dict:
     """Load the calibration data and write the calibrator's batches; returns paths and a small record."""

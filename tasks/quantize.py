@@ -61,7 +61,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tasks.calibration import CalibrationData, CalibrationReader, inputs_from_onnx
+from tasks.calibration import CalibrationData, CalibrationReader, inputs_from_onnx, prefect_task
 from tasks.errors import InfraError, ModelError
 from tasks.package import qdq_key
 from tasks.spec import ModelSpec
@@ -493,7 +493,16 @@ def _quantize_onnxruntime(model_path: Path, data: CalibrationData, spec: ModelSp
     cache = workdir / "ranges.json"
     if "calibration_cache_path" in params:
         kwargs["calibration_cache_path"] = str(cache)
-    quantize_static(str(model_path), str(out_path), reader, **kwargs)
+    try:
+        quantize_static(str(model_path), str(out_path), reader, **kwargs)
+    except MemoryError as err:
+        raise InfraError(f"onnxruntime ran out of memory calibrating the model: {err}",
+                         fix="Run on a worker with more memory or lower calibration.max_samples.") from err
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises ValueError/RuntimeError/its own Fail types
+        raise ModelError(f"onnxruntime could not calibrate and quantise the model with the {spec.calibration.method} "
+                         f"method: {type(err).__name__}: {err}",
+                         fix="Try calibration.method minmax (the percentile histograms fail on constant tensors), "
+                             "exclude the node named, or use calibration.mode: calibrator on TensorRT <= 10.") from err
     ranges: Dict[str, dict] = {}
     if cache.exists():
         try:
@@ -736,23 +745,7 @@ def store_cached_qdq(storage: Storage, key: str, path: Union[str, Path], result:
 
 
 # ---- Prefect --------------------------------------------------------------------------------------
-def _retry_condition(task_obj, task_run, state) -> bool:
-    from tasks.errors import is_retriable
-
-    try:
-        state.result()
-    except BaseException as exc:  # noqa: BLE001 - the state's own exception, classified below
-        return is_retriable(exc)
-    return False
-
-
-def _as_task(fn):
-    from prefect import task
-
-    return task(name="qdq-model", retries=1, retry_delay_seconds=[10], retry_condition_fn=_retry_condition)(fn)
-
-
-@_as_task
+@prefect_task(name="qdq-model", retries=1, retry_delay_seconds=[10])
 def qdq_model_task(model_path: str, calibration_dir: Optional[str], spec: ModelSpec, inputs: List[dict],
                    out_path: str, storage_uri: Optional[str] = None, name: Optional[str] = None,
                    model_sha: Optional[str] = None, profiles: Optional[List[dict]] = None) -> dict:

@@ -208,11 +208,34 @@ def _one_blas_thread() -> Iterator[None]:
 
 
 # ---- ONNX ---------------------------------------------------------------------------------------
-def to_onnx(params: Dict[str, np.ndarray]) -> onnx.ModelProto:
-    """The trained network as an ONNX model with a dynamic batch axis ("images" -> "logits")."""
+OUTLIER = 1.0e4  # the INT8-hostile variant's constant channel: fine in FP32 and FP16 (max 65504)
+
+
+def to_onnx(params: Dict[str, np.ndarray], int8_hostile: bool = False) -> onnx.ModelProto:
+    """The trained network as an ONNX model with a dynamic batch axis ("images" -> "logits").
+
+    ``int8_hostile``: the same function with one change INT8 cannot survive: conv1 reads a fourth,
+    constant channel of value 1e4 (built from the input, so nothing folds it away) through zero
+    weights. FP32 and FP16 outputs equal the plain model's; per-tensor INT8 quantisation of conv1's
+    input must now span 1e4, so every image value rounds to 0 and the INT8 accuracy gate fails.
+    """
+    params = dict(params)
+    conv1_input = "images"
+    pre = []
+    if int8_hostile:
+        params["w1"] = np.concatenate([params["w1"], np.zeros_like(params["w1"][:, :1])], axis=1)
+        params["outlier"] = np.array(OUTLIER, np.float32)
+        params["zero"] = np.array(0.0, np.float32)
+        pre = [
+            helper.make_node("ReduceMean", ["images"], ["plane_mean"], name="plane_mean", axes=[1], keepdims=1),
+            helper.make_node("Mul", ["plane_mean", "zero"], ["plane_zero"], name="plane_zero"),
+            helper.make_node("Add", ["plane_zero", "outlier"], ["plane"], name="plane"),
+            helper.make_node("Concat", ["images", "plane"], ["images4"], name="with_outlier", axis=1),
+        ]
+        conv1_input = "images4"
     inits = [numpy_helper.from_array(np.ascontiguousarray(v.astype(np.float32)), k) for k, v in sorted(params.items())]
-    nodes = [
-        helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+    nodes = pre + [
+        helper.make_node("Conv", [conv1_input, "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
         helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
@@ -224,7 +247,7 @@ def to_onnx(params: Dict[str, np.ndarray]) -> onnx.ModelProto:
         helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "bars_cnn",
+        nodes, "bars_cnn_int8_hostile" if int8_hostile else "bars_cnn",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(CLASSES)])],
         inits)
@@ -250,6 +273,13 @@ def train_small_cnn(seed: int = 0) -> Tuple[onnx.ModelProto, np.ndarray, np.ndar
     """
     params, eval_x, eval_y, calib_x = _trained(seed)
     return to_onnx(params), eval_x.copy(), eval_y.copy(), calib_x.copy()
+
+
+def int8_hostile_cnn(seed: int = 0) -> Tuple[onnx.ModelProto, np.ndarray, np.ndarray, np.ndarray]:
+    """Like ``train_small_cnn`` but the model fails any INT8 gate while FP32/FP16 stay exact (see ``to_onnx``):
+    for exercising the INT8 -> FP16 -> FP32 fallback chain."""
+    params, eval_x, eval_y, calib_x = _trained(seed)
+    return to_onnx(params, int8_hostile=True), eval_x.copy(), eval_y.copy(), calib_x.copy()
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from tasks.quantize import (ORT_DEFAULT, PLACEMENT, QdqCache, check_qdq_structur
                             quantize_recipe, stats_path_for, store_cached_qdq)
 from tasks.spec import parse_spec
 from tests.models import save, small_cnn, two_input_model
-from tests.trained import accuracy, train_small_cnn
+from tests.trained import accuracy, int8_hostile_cnn, train_small_cnn
 
 try:
     from tasks.metrics import compare_outputs, gate
@@ -125,6 +125,22 @@ def test_onnxruntime_default_placement_is_what_trtflow_avoids(trained, tmp_path)
     assert via_dq(producers, nodes["relu1"].input[0])  # Conv -> Q/DQ -> Relu: splits Conv+ReLU fusion
     assert via_dq(producers, nodes["gap"].input[0])
     assert sum(theirs.qdq_nodes.values()) > sum(ours.qdq_nodes.values())
+
+
+def test_the_int8_hostile_variant_is_exact_in_fp32_and_fails_the_int8_gate(trained, tmp_path):
+    """The model tests/gpu and the flow tests use to exercise the INT8 -> FP16 fallback."""
+    plain, eval_x, _, calib = trained
+    model, _, _, _ = int8_hostile_cnn(0)
+    path = save(model, tmp_path / "hostile.onnx")
+    reference = run(plain, {"images": eval_x})
+    np.testing.assert_array_equal(run(path, {"images": eval_x})["logits"], reference["logits"])
+    data = load_calibration_data(calib, spec(), [{"name": "images", "dtype": "float32", "shape": ["N", 3, 16, 16]}])
+    result = qdq_model_from_calibration(path, data, spec(), tmp_path / "q.onnx")
+    passed, summary = int8_gate(reference, run(result.out_path, {"images": eval_x}), spec().tolerance("int8"))
+    assert not passed, summary
+    with pytest.raises(ModelError, match="percentile method") as err:  # onnxruntime's histograms fail on its constant plane
+        qdq_model_from_calibration(path, data, spec(method="percentile"), tmp_path / "p.onnx")
+    assert "minmax" in err.value.fix
 
 
 # ---- placement on hand-built graphs -------------------------------------------------------------
