@@ -69,7 +69,8 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
     if data.synthetic:
         record["note"] = data.note
     if mode == "calibrator":
-        batches = calibration.calibration_batches(data, spec.calibration.batch_size, Path(workdir) / "calib-batches",
+        batch_size = calibration.calibration_batch_size(spec, profiles)  # must be the profile's opt batch
+        batches = calibration.calibration_batches(data, batch_size, Path(workdir) / "calib-batches",
                                                   profiles=profiles)
         from tasks.engine import calibrator_cache
 
