@@ -222,6 +222,18 @@ def test_projection_shortcut_quantises_the_shorter_branch_and_leaves_the_fused_c
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
 
 
+def test_resnet50_placement_fuses_every_block_add_with_its_conv3():
+    from tests.gpu.bench_int8_resnet import resnet50
+
+    model = resnet50()
+    plan = plan_placement(model)
+    adds = {n.name: n for n in model.graph.node if n.op_type == "Add"}
+    assert len(plan.residual_adds) == len(adds) == 16
+    for name, fused in plan.residual_adds.items():
+        assert adds[name].input[fused].endswith(".conv3.out"), name  # the projection shortcut gets the Q/DQ
+    assert len(plan.weighted) == 54 and plan.excluded == []  # 53 convs and the fc
+
+
 def test_excluded_nodes_and_op_types_keep_float_inputs(tmp_path):
     path = save(block_model(), tmp_path / "block.onnx")
     s = spec(exclude_nodes=["conv_a"], exclude_op_types=["MatMul"])
