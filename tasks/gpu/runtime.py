@@ -10,7 +10,6 @@ imported inside functions, so the pure helpers (``coerce_input``) run on CPU.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -66,6 +65,33 @@ def coerce_input(name: str, array: Any, dtype: np.dtype) -> np.ndarray:
                      fix=f"Give {name} as {dtype} (or a type that converts to it without loss).")
 
 
+_PRIMARY: List[Any] = []
+
+
+def _push_primary_context(cuda: Any) -> None:
+    """Retain device 0's primary context and push it (popped at exit); a no-op the second time.
+
+    This is what pycuda.autoprimaryctx does, minus its import of pycuda.tools, which uses
+    ``X | Y`` annotations at run time and so fails on Python 3.9 (measured on the H100 bundle).
+    """
+    if _PRIMARY:
+        return
+    import atexit
+
+    cuda.init()
+    context = cuda.Device(0).retain_primary_context()
+    context.push()
+    _PRIMARY.append(context)
+
+    def _pop() -> None:
+        try:
+            _PRIMARY.pop().pop()
+        except Exception:  # noqa: BLE001 - the process is exiting; the driver reclaims the context
+            pass
+
+    atexit.register(_pop)
+
+
 def cuda_init() -> Any:
     """Initialise CUDA and make device 0's primary context current (the one TensorRT's runtime API
     uses too). Returns ``pycuda.driver``. InfraError where pycuda or the GPU is missing."""
@@ -78,8 +104,7 @@ def cuda_init() -> Any:
                          fix="Set TRT_PYTHON to an interpreter with tensorrt and pycuda (pip install 'trtflow[gpu]' on "
                              "a GPU worker, or /opt/trt/bin/trt-python), see README 'GPU worker'") from None
     try:
-        # Retains device 0's primary context and pushes it (popped at exit); a no-op the second time.
-        importlib.import_module("pycuda.autoprimaryctx")
+        _push_primary_context(cuda)
     except Exception as err:  # noqa: BLE001 - pycuda.driver.Error subclasses
         raise InfraError(f"CUDA could not start on this worker ({type(err).__name__}: {err}).",
                          fix="Check the NVIDIA driver and CUDA_VISIBLE_DEVICES (nvidia-smi); retry on another worker.") from None

@@ -98,6 +98,19 @@ class Device:
     def pci_bus_id(self) -> str:
         return "0000:00:00.0"
 
+    def retain_primary_context(self) -> "Context":
+        return Context()
+
+
+class Context:
+    """TEST DOUBLE of a CUDA context: push/pop do nothing."""
+
+    def push(self) -> None:
+        pass
+
+    def pop(self) -> None:
+        pass
+
 
 def _pycuda_driver() -> types.ModuleType:
     m = types.ModuleType("pycuda.driver")
