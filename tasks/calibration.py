@@ -271,9 +271,10 @@ def _conform(info: InputInfo, array: np.ndarray, source: str) -> np.ndarray:
     same_kind = (have.kind == want.kind or (have.kind in "iu" and want.kind in "iu")
                  or (have.kind == "f" and want.kind == "f"))
     if not same_kind:
-        raise ModelError(f"{source} holds {have.name} data for input {info.name!r}, which is {want.name}.",
-                         fix=f"Save the tensors exactly as the model takes them ({want.name}, preprocessed), or use "
-                             f"images with calibration.preprocess.")
+        fix = (f"Set calibration.preprocess.dtype: {want.name}." if "preprocess" in source else
+               f"Save the tensors exactly as the model takes them ({want.name}, preprocessed), or use images with "
+               f"calibration.preprocess.")
+        raise ModelError(f"{source} holds {have.name} data for input {info.name!r}, which is {want.name}.", fix=fix)
     return np.ascontiguousarray(array.astype(want, copy=False))
 
 

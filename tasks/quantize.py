@@ -21,8 +21,11 @@ ModelOpt's ONNX INT8 defaults; onnxruntime's QDQ quantiser source):
    arithmetic, so every extra pair either splits a fusion it would otherwise make (Conv+ReLU,
    Conv+Add+ReLU: "do not simulate ReLU fusion", "be conservative when adding Q/DQ") or adds layers
    and INT8<->float reformats, each of which the builder times for every tactic and format. That is
-   our reading of the measured >9 min Q/DQ ResNet-50 build on TensorRT 8.6 against ~3 min implicit;
-   see the H100 check in the report of issue 4 for the measurement that must confirm it.
+   our reading of the measured >9 min Q/DQ ResNet-50 build on TensorRT 8.6 against ~3 min implicit
+   (a hypothesis until measured: tests/gpu/bench_int8_resnet.py builds both placements and prints
+   build times and throughput). On the bars CNN of tests/trained.py onnxruntime's default placement
+   has 11 Q + 15 DQ nodes (Q/DQ between every Conv and its Relu, around pooling, Flatten and the
+   model output) against 8 + 8 here; on ResNet-50, 123 + 177 against 108 + 108.
 3. Weights stay FP32 with a Q->DQ pair on them (``AddQDQPairToWeight``) instead of onnxruntime's
    default INT8 initialiser -> DQ: TensorRT documents that Q/DQ weights "must be specified using a
    floating-point data type" and quantises them itself with the Q layer's scale (ModelOpt does the same).
@@ -45,8 +48,10 @@ memory stay bounded (all of them for all samples would not fit for ResNet-sized 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import io
 import json
 import logging
 import re
@@ -493,8 +498,11 @@ def _quantize_onnxruntime(model_path: Path, data: CalibrationData, spec: ModelSp
     cache = workdir / "ranges.json"
     if "calibration_cache_path" in params:
         kwargs["calibration_cache_path"] = str(cache)
+    chatter = io.StringIO()
     try:
-        quantize_static(str(model_path), str(out_path), reader, **kwargs)
+        # onnxruntime's calibrators print progress to stdout; keep it in the log instead
+        with contextlib.redirect_stdout(chatter):
+            quantize_static(str(model_path), str(out_path), reader, **kwargs)
     except MemoryError as err:
         raise InfraError(f"onnxruntime ran out of memory calibrating the model: {err}",
                          fix="Run on a worker with more memory or lower calibration.max_samples.") from err
@@ -503,6 +511,9 @@ def _quantize_onnxruntime(model_path: Path, data: CalibrationData, spec: ModelSp
                          f"method: {type(err).__name__}: {err}",
                          fix="Try calibration.method minmax (the percentile histograms fail on constant tensors), "
                              "exclude the node named, or use calibration.mode: calibrator on TensorRT <= 10.") from err
+    finally:
+        if chatter.getvalue().strip():
+            log.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
     ranges: Dict[str, dict] = {}
     if cache.exists():
         try:

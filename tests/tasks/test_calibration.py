@@ -225,6 +225,16 @@ def test_images_in_the_package_become_the_image_inputs_samples(tmp_path):
         load_calibration_data(tmp_path, wrong, IMAGES)
 
 
+def test_images_for_a_uint8_input_need_the_uint8_dtype(tmp_path):
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.png")
+    u8 = [InputInfo("images", "uint8", ("N", 8, 8, 3))]
+    with pytest.raises(ModelError, match="float32 data for input 'images', which is uint8") as err:
+        load_calibration_data(tmp_path, spec(preprocess={"layout": "nhwc"}), u8)
+    assert err.value.fix == "Set calibration.preprocess.dtype: uint8."
+    data = load_calibration_data(tmp_path, spec(preprocess={"layout": "nhwc", "dtype": "uint8"}), u8)
+    assert data.arrays["images"].dtype == np.uint8 and list(data.arrays["images"][0, 0, 0]) == [10, 20, 30]
+
+
 def test_images_for_dynamic_height_width_use_the_profile_and_need_a_named_input_on_multi_input_models(tmp_path):
     Image.new("RGB", (20, 10), (10, 20, 30)).save(tmp_path / "a.png")
     dyn = [InputInfo("images", "float32", ("N", 3, "H", "W"))]
