@@ -120,10 +120,12 @@ def stats_path_for(model_path: Union[str, Path]) -> Path:
     return p.with_name(p.name + ".stats.json")
 
 
-def quantize_recipe(spec: ModelSpec) -> str:
-    """Hash of everything besides model and data that changes the Q/DQ model (part of its cache key)."""
+def quantize_recipe(spec: ModelSpec, tensorrt: Optional[str] = None) -> str:
+    """Hash of everything besides model and data that changes the Q/DQ model (part of its cache key),
+    the backend as :func:`choose_backend` resolves it here (``auto`` differs between workers)."""
     c = spec.calibration
-    relevant = {"placement": PLACEMENT, "method": c.method, "backend": c.backend, "exclude_nodes": sorted(c.exclude_nodes),
+    relevant = {"placement": PLACEMENT, "method": c.method, "backend": choose_backend(spec, tensorrt),
+                "exclude_nodes": sorted(c.exclude_nodes),
                 "exclude_op_types": sorted(c.exclude_op_types),
                 "percentile": c.percentile if c.method == "percentile" else None}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
@@ -426,8 +428,19 @@ def _modelopt_available() -> bool:
     return True
 
 
-def choose_backend(spec: ModelSpec) -> str:
-    """``onnxruntime`` or ``modelopt`` as ``calibration.backend`` says (auto: ModelOpt when importable).
+def _trt_major(tensorrt: Optional[str]) -> Optional[int]:
+    try:
+        return int(str(tensorrt).split(".")[0]) if tensorrt else None
+    except ValueError:
+        return None
+
+
+def choose_backend(spec: ModelSpec, tensorrt: Optional[str] = None) -> str:
+    """``onnxruntime`` or ``modelopt`` as ``calibration.backend`` says.
+
+    auto: ModelOpt when importable, except for a TensorRT older than 10 (``tensorrt``, the target's
+    version, when known): ModelOpt writes opset >= 19 / IR 10 graphs (measured with 0.47), which
+    TensorRT 8.6's parser does not read.
 
     Raises:
         InfraError: the spec asks for ModelOpt and this worker does not have it (not retried).
@@ -435,7 +448,12 @@ def choose_backend(spec: ModelSpec) -> str:
     wanted = spec.calibration.backend
     if wanted == "onnxruntime":
         return "onnxruntime"
+    major = _trt_major(tensorrt)
+    if wanted == "auto" and major is not None and major < 10:
+        return "onnxruntime"
     if _modelopt_available():
+        if major is not None and major < 10:
+            log.warning("calibration.backend is modelopt, whose opset-19 Q/DQ graphs TensorRT %s may not read", tensorrt)
         return "modelopt"
     if wanted == "modelopt":
         raise InfraError("calibration.backend is 'modelopt', but NVIDIA ModelOpt is not installed on this worker.",
@@ -585,11 +603,12 @@ def _prepare_model(model_path: Path, workdir: Path) -> Tuple[Path, onnx.ModelPro
 
 def qdq_model_from_calibration(model_path: Union[str, Path], data: CalibrationData, spec: ModelSpec,
                                out_path: Union[str, Path], backend: Optional[str] = None, *,
-                               placement: str = "tensorrt") -> QuantizeResult:
+                               placement: str = "tensorrt", tensorrt: Optional[str] = None) -> QuantizeResult:
     """Calibrate ``model_path`` on ``data`` and write a TensorRT-ready Q/DQ model to ``out_path``
     (calibration statistics beside it, see :func:`stats_path_for`).
 
-    ``placement="onnxruntime-default"`` (onnxruntime backend only) makes the Q/DQ graph onnxruntime
+    ``tensorrt``: the target TensorRT version when known; it steers ``calibration.backend: auto``
+    (see :func:`choose_backend`). ``placement="onnxruntime-default"`` (onnxruntime backend only) makes the Q/DQ graph onnxruntime
     would make by itself (biases float, activations symmetric so that TensorRT parses it): for
     benchmarks that compare build time and speed with trtflow's placement, not for production.
 
@@ -609,7 +628,7 @@ def qdq_model_from_calibration(model_path: Union[str, Path], data: CalibrationDa
     if sorted(names) != sorted(data.arrays):
         raise ModelError(f"the calibration data feeds inputs {sorted(data.arrays)}, the model has {sorted(names)}.",
                          fix="Key calibration arrays by the model's input names.")
-    recipe = quantize_recipe(spec)
+    recipe = quantize_recipe(spec, tensorrt)
 
     if has_qdq(original):
         shutil.copyfile(model_path, out_path)
@@ -623,7 +642,7 @@ def qdq_model_from_calibration(model_path: Union[str, Path], data: CalibrationDa
 
     if placement not in ("tensorrt", ORT_DEFAULT):
         raise ValueError(f"placement must be 'tensorrt' or {ORT_DEFAULT!r}, not {placement!r}")
-    chosen = "onnxruntime" if placement == ORT_DEFAULT else (backend or choose_backend(spec))
+    chosen = "onnxruntime" if placement == ORT_DEFAULT else (backend or choose_backend(spec, tensorrt))
     style = PLACEMENT if placement == "tensorrt" else ORT_DEFAULT
     if chosen == "modelopt":
         style = "modelopt"
@@ -738,9 +757,9 @@ def qdq_cache(storage: Storage, name: str, model_sha: str, data_sha: str, method
     return QdqCache(storage, qdq_key(name, model_sha, data_sha, tag))
 
 
-def qdq_cache_key(name: str, model_sha: str, data_sha: str, spec: ModelSpec) -> str:
+def qdq_cache_key(name: str, model_sha: str, data_sha: str, spec: ModelSpec, tensorrt: Optional[str] = None) -> str:
     """``tasks.package.qdq_key`` with the method tagged by :func:`quantize_recipe`."""
-    return qdq_key(name, model_sha, data_sha, f"{spec.calibration.method}-{quantize_recipe(spec)}")
+    return qdq_key(name, model_sha, data_sha, f"{spec.calibration.method}-{quantize_recipe(spec, tensorrt)}")
 
 
 def fetch_cached_qdq(storage: Storage, key: str, dest: Union[str, Path]) -> bool:
@@ -759,7 +778,8 @@ def store_cached_qdq(storage: Storage, key: str, path: Union[str, Path], result:
 @prefect_task(name="qdq-model", retries=1, retry_delay_seconds=[10])
 def qdq_model_task(model_path: str, calibration_dir: Optional[str], spec: ModelSpec, inputs: List[dict],
                    out_path: str, storage_uri: Optional[str] = None, name: Optional[str] = None,
-                   model_sha: Optional[str] = None, profiles: Optional[List[dict]] = None) -> dict:
+                   model_sha: Optional[str] = None, profiles: Optional[List[dict]] = None,
+                   tensorrt: Optional[str] = None) -> dict:
     """Load calibration data, reuse or make the Q/DQ model (cached in the bucket when ``storage_uri``,
     ``name`` and ``model_sha`` are given) and return its small record."""
     from tasks.calibration import load_calibration_data
@@ -769,12 +789,12 @@ def qdq_model_task(model_path: str, calibration_dir: Optional[str], spec: ModelS
     cache = None
     if storage_uri and name and model_sha:
         cache = qdq_cache(open_storage(storage_uri), name, model_sha, data.sha256, spec.calibration.method,
-                          quantize_recipe(spec))
+                          quantize_recipe(spec, tensorrt))
         hit = cache.get(out_path)
         if hit is not None:
             assert_qdq_structure(out_path)
             return {**hit.to_dict(), "reused": True, "key": cache.key}
-    result = qdq_model_from_calibration(model_path, data, spec, out_path)
+    result = qdq_model_from_calibration(model_path, data, spec, out_path, tensorrt=tensorrt)
     record = {**result.to_dict(), "reused": False}
     if cache is not None:
         cache.put(result)
