@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from tasks.errors import TrtflowError
 from tasks.gpu_client import GpuEnv, run_gpu
 from tasks.package import calib_cache_key, timing_cache_key
 from tasks.spec import ModelSpec
@@ -98,10 +99,17 @@ def store_timing_cache(storage: Storage, env: GpuEnv, new_cache: Path, base_etag
         theirs = Path(workdir) / "timing-cache.theirs"
         storage.download(key, theirs)
         merged = Path(workdir) / "timing-cache.merged"
-        run_gpu("merge-cache", {"caches": [str(theirs), str(new_cache)], "out": str(merged)}, workdir, timeout_s,
-                log_name="merge-cache.log")
-        new_cache = merged
-        log.info("timing cache %s changed during the build; merged both", key)
+        try:
+            run_gpu("merge-cache", {"caches": [str(theirs), str(new_cache)], "out": str(merged)}, workdir, timeout_s,
+                    log_name="merge-cache.log")
+            new_cache = merged
+            log.info("timing cache %s changed during the build; merged both", key)
+        except TrtflowError as err:
+            # Ours already holds every entry of the copy we started from; only the other build's new
+            # entries are lost, and its next build adds them again. A cache is an accelerator, never
+            # a reason to fail a conversion.
+            log.warning("timing cache %s: merging with a concurrent build's copy failed (%s); keeping ours",
+                        key, err.message.splitlines()[0])
     storage.upload(new_cache, key)
     return key
 

@@ -75,7 +75,7 @@ from tasks.storage import Storage
 log = logging.getLogger("trtflow.quantize")
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-PLACEMENT = "trt-weighted-inputs+residual-v1"  # part of the cache recipe: bump when placement changes
+PLACEMENT = "trt-weighted-inputs+residual-v2"  # part of the cache recipe: bump when placement changes
 ORT_DEFAULT = "onnxruntime-default"  # onnxruntime's own placement, kept for benchmarks that compare the two
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (the ``axis`` attribute)
 MIN_IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8}  # oldest IR each opset allows; TensorRT 8.6 reads <= 8
@@ -575,6 +575,24 @@ def _quantize_modelopt(model_path: Path, data: CalibrationData, spec: ModelSpec,
 
 
 # ---- the stage ------------------------------------------------------------------------------------
+def _explicit_kernel_shapes(model: onnx.ModelProto) -> bool:
+    """Give every Conv/ConvTranspose a ``kernel_shape`` attribute taken from its weight.
+
+    ONNX makes the attribute optional, but once Q/DQ puts the weight behind a DequantizeLinear,
+    TensorRT 8.6's parser takes the kernel size from the attribute alone and rejects the node
+    ("The input tensor shape misaligns with the input kernel shape"; measured on the H100).
+    Returns whether anything changed.
+    """
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    changed = False
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 and node.input[1] in weights \
+                and not any(a.name == "kernel_shape" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("kernel_shape", weights[node.input[1]][2:]))
+            changed = True
+    return changed
+
+
 def _prepare_model(model_path: Path, workdir: Path) -> Tuple[Path, onnx.ModelProto]:
     """The model as the quantiser should see it: opset >= 13 and shapes inferred where possible."""
     model = onnx.load(str(model_path))
@@ -587,6 +605,9 @@ def _prepare_model(model_path: Path, workdir: Path) -> Tuple[Path, onnx.ModelPro
                              f"and converting it failed: {err}",
                              fix=f"Export the model with opset >= {MIN_OPSET} (17 suits TensorRT 8.6).") from None
         path = workdir / "model.opset13.onnx"
+        onnx.save(model, str(path))
+    if _explicit_kernel_shapes(model):
+        path = workdir / "model.kernel-shapes.onnx"
         onnx.save(model, str(path))
     # Symbolic shape inference lets the quantiser see shapes through ops ONNX's own inference skips.
     # Graph optimisation stays off: it renames and fuses nodes, which would break exclude_nodes.

@@ -210,7 +210,7 @@ def layer_precisions(info: Any) -> Dict[str, int]:
     """
     if isinstance(info, (str, bytes)):
         try:
-            info = json.loads(info)
+            info = json.loads(info, strict=False)
         except ValueError:
             return {}
     layers = info.get("Layers", []) if isinstance(info, dict) else info
@@ -420,6 +420,12 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
     info = compat.engine_information_json(trt, engine, caps)
     if info:
         layers_path = out_dir / "layers.json"
+        try:
+            # TensorRT 8.6 writes raw control characters (ONNX layer metadata separators) inside
+            # strings; parse leniently and store strict JSON so that any reader can load it.
+            info = json.dumps(json.loads(info, strict=False), indent=1)
+        except ValueError:
+            pass
         layers_path.write_text(info)
         precisions = layer_precisions(info)
         layer_count = sum(precisions.values())
@@ -501,11 +507,17 @@ def merge_timing_caches(request: Dict[str, Any], trt: Any = None, logger: Any = 
     if not present:
         raise InfraError(f"none of the timing caches to merge exists: {paths}.",
                          fix="Retry the build; the caches are written by the engine step.")
+    from tasks.gpu.runtime import cuda_init
+
+    cuda_init()  # Myelin's cache entries deserialize only with a CUDA context current (as in a build)
     builder = create_builder(trt, logger)
     config = builder.create_builder_config()
-    merged = config.create_timing_cache(b"")
-    combined, skipped = [], []
-    for p in present:
+    # Start from the first cache rather than an empty one: combining into an empty cache failed on 8.6.
+    merged = config.create_timing_cache(Path(present[0]).read_bytes())
+    combined, skipped = ([present[0]] if merged is not None else []), []
+    if merged is None:
+        merged = config.create_timing_cache(b"")
+    for p in present[1:] if combined else present:
         cache = config.create_timing_cache(Path(p).read_bytes())
         # ignore_mismatch: caches written on another GPU of the same model still share entries.
         if cache is not None and merged.combine(cache, True):
