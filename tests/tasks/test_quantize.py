@@ -223,7 +223,7 @@ def test_projection_shortcut_quantises_the_shorter_branch_and_leaves_the_fused_c
 
 
 def test_resnet50_placement_fuses_every_block_add_with_its_conv3():
-    from tests.gpu.bench_int8_resnet import resnet50
+    from tests.resnet50 import resnet50
 
     model = resnet50()
     plan = plan_placement(model)
