@@ -22,10 +22,10 @@ ModelOpt's ONNX INT8 defaults; onnxruntime's QDQ quantiser source):
    Conv+Add+ReLU: "do not simulate ReLU fusion", "be conservative when adding Q/DQ") or adds layers
    and INT8<->float reformats, each of which the builder times for every tactic and format. That is
    our reading of the measured >9 min Q/DQ ResNet-50 build on TensorRT 8.6 against ~3 min implicit
-   (a hypothesis until measured: tests/gpu/bench_int8_resnet.py builds both placements and prints
-   build times and throughput). On the bars CNN of tests/trained.py onnxruntime's default placement
-   has 11 Q + 15 DQ nodes (Q/DQ between every Conv and its Relu, around pooling, Flatten and the
-   model output) against 8 + 8 here; on ResNet-50, 123 + 177 against 108 + 108.
+   (a hypothesis until measured: bench/qdq_resnet.py and bench/int8_resnet.py build both placements
+   and print build times and throughput). On the bars CNN of tests/trained.py onnxruntime's default
+   placement has 11 Q + 15 DQ nodes (Q/DQ between every Conv and its Relu, around pooling, Flatten
+   and the model output) against 8 + 8 here; on tests/resnet50.py, 123 + 177 against 108 + 108.
 3. Weights stay FP32 with a Q->DQ pair on them (``AddQDQPairToWeight``) instead of onnxruntime's
    default INT8 initialiser -> DQ: TensorRT documents that Q/DQ weights "must be specified using a
    floating-point data type" and quantises them itself with the Q layer's scale (ModelOpt does the same).
