@@ -235,12 +235,13 @@ def to_onnx(params: Dict[str, np.ndarray], int8_hostile: bool = False) -> onnx.M
         conv1_input = "images4"
     inits = [numpy_helper.from_array(np.ascontiguousarray(v.astype(np.float32)), k) for k, v in sorted(params.items())]
     nodes = pre + [
-        helper.make_node("Conv", [conv1_input, "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", [conv1_input, "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
         helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
-        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
         helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
         helper.make_node("GlobalAveragePool", ["r3"], ["gap"], name="gap"),
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
