@@ -277,6 +277,8 @@ def detect_gpus(workdir: Path) -> Tuple[List[str], str]:
 # ---- up / down ---------------------------------------------------------------------------------
 def _free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the server will: a port left in TIME_WAIT by a stopped server is free, a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
@@ -320,6 +322,10 @@ def up(opts: StackOptions) -> StackInfo:
                 raise InfraError(f"port {opts.port} on {opts.host} is in use.",
                                  fix="Pass --port, or stop what listens there.")
             server_env = {k: v for k, v in base_env.items() if k != "PREFECT_API_URL"}
+            # The UI learns the API's address from settings, not from --host/--port.
+            browser_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
+            server_env.update(PREFECT_SERVER_API_HOST=opts.host, PREFECT_SERVER_API_PORT=str(opts.port))
+            server_env.setdefault("PREFECT_UI_API_URL", f"http://{browser_host}:{opts.port}/api")
             procs.append(_spawn("server", prefect_command() + ["server", "start", "--host", opts.host,
                                                                  "--port", str(opts.port)],
                                 server_env, logs, state))
@@ -332,7 +338,8 @@ def up(opts: StackOptions) -> StackInfo:
             ensure_work_pools()
             apply_deployments(DeploySettings(bucket, opts.code_dir, opts.watch_interval, opts.settle_seconds,
                                              opts.nightly_cron), api_url, state, base_env)
-            gpus, note = (opts.gpus, "chosen by the caller") if opts.gpus is not None else detect_gpus(state / "probe")
+            gpus, note = ((opts.gpus, "as configured (--gpus / TRTFLOW_GPUS)") if opts.gpus is not None
+                          else detect_gpus(state / "probe"))
             info.gpus, info.gpu_note = list(gpus), note
 
             host = socket.gethostname()

@@ -20,6 +20,7 @@ from tests.doubles import make_trt_python_double
 E2E_ENV = {
     # Workers ask for work every second instead of every 10 s: the test waits on conversions.
     "PREFECT_WORKER_QUERY_SECONDS": "1",
+    "PREFECT_API_LOG_RETRYABLE_ERRORS": "true",  # the server logs what it answers 503 for
     "PREFECT_WORKER_PREFETCH_SECONDS": "5",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "AWS_ACCESS_KEY_ID": "testing",
