@@ -1,0 +1,80 @@
+"""trtflow up/down internals: stopping exactly what was started, and the rendered prefect.yaml."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from flows import stack
+from flows.deploy import PREFECT_FILE, DeploySettings, render_prefect_file
+
+
+def _spawn_sleeper(tmp_path: Path, role: str) -> stack.Proc:
+    # A parent that starts a child and waits: `down` must stop both (flow runs are workers' children).
+    code = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']).wait()"
+    return stack._spawn(role, [sys.executable, "-c", code], {}, tmp_path, tmp_path)
+
+
+def _wait_for_children(proc: stack.Proc) -> list:
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        kids = stack._descendants(proc.pid)
+        if kids:
+            return kids
+        time.sleep(0.05)  # waiting for the child to exist
+    raise AssertionError("child never started")
+
+
+def test_down_stops_recorded_processes_and_their_children(tmp_path):
+    proc = _spawn_sleeper(tmp_path, "worker-x")
+    kids = _wait_for_children(proc)
+    info = stack.StackInfo(str(tmp_path), "http://x/api", "http://x", "file:///b", None, [], "", [proc])
+    info.save()
+    assert stack.status(tmp_path) == {"worker-x": True}
+    assert stack.down(tmp_path, timeout_s=20) == [f"worker-x (pid {proc.pid})"]
+    assert not stack._alive(proc)
+    assert all(not stack._running(pid, ticks) for pid, ticks in kids)
+    assert stack.status(tmp_path) is None and stack.down(tmp_path) == []
+
+
+def test_a_reused_pid_is_never_signalled(tmp_path):
+    proc = _spawn_sleeper(tmp_path, "server")
+    try:
+        impostor = stack.Proc("server", proc.pid, proc.start_ticks + 1, proc.cmd, proc.log)  # same PID, other start
+        assert stack.stop_processes([impostor], timeout_s=1) == []
+        assert stack._alive(proc)
+    finally:
+        stack.stop_processes([proc], timeout_s=20)
+    assert not stack._alive(proc)
+
+
+def test_stack_info_round_trips(tmp_path):
+    info = stack.StackInfo(str(tmp_path), "http://h:1/api", "http://h:1", "s3://b", None, ["0", "1"], "two",
+                           [stack.Proc("server", 1, 2, ["prefect"], "log")])
+    info.save()
+    assert stack.StackInfo.load(tmp_path) == info
+
+
+def test_render_prefect_file_applies_overrides_and_keeps_the_rest(tmp_path):
+    original = yaml.safe_load(PREFECT_FILE.read_text())
+    out = render_prefect_file(DeploySettings("s3://b", watch_interval=4, settle_seconds=3, nightly_cron="30 1 * * *"),
+                              tmp_path / "prefect.yaml")
+    doc = yaml.safe_load(out.read_text())
+    deps = {d["name"]: d for d in doc["deployments"]}
+    assert set(deps) == {"watch-bucket", "convert-model", "nightly-rebuild"}
+    assert deps["watch-bucket"]["schedules"] == [{"interval": 4.0}]
+    assert deps["watch-bucket"]["parameters"]["settle_seconds"] == 3.0
+    assert deps["nightly-rebuild"]["schedules"] == [{"cron": "30 1 * * *", "timezone": "UTC"}]
+    assert deps["convert-model"]["work_pool"] == {"name": "gpu"}
+    assert deps["convert-model"]["entrypoint"] == "flows/convert.py:convert_model"
+    assert doc["pull"] == original["pull"]
+    # Defaults: the file as written.
+    plain = yaml.safe_load(render_prefect_file(DeploySettings("s3://b"), tmp_path / "p2.yaml").read_text())
+    assert plain["deployments"] == original["deployments"]
+    assert {d["name"]: d["work_pool"]["name"] for d in original["deployments"]} == {
+        "watch-bucket": "cpu", "convert-model": "gpu", "nightly-rebuild": "cpu"}
+    assert {d["name"]: d["schedules"] for d in original["deployments"] if "schedules" in d} == {
+        "watch-bucket": [{"interval": 30}], "nightly-rebuild": [{"cron": "0 2 * * *", "timezone": "UTC"}]}
