@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set
 from urllib.parse import unquote_plus
 
@@ -365,6 +367,43 @@ def event_loop(storage: Storage, events: EventSource, settle_seconds: float, sub
             events.delete(messages)
     total.waiting = pending(state)
     return total
+
+
+NOTIFICATION_FILE = Path(__file__).resolve().parent.parent / "infra" / "s3-sqs-notification.json"
+NOTIFICATION_ID = "trtflow-models"
+
+
+def setup_event_notifications(bucket: str, queue_name: str = "trtflow-model-events", prefix: str = "",
+                              s3=None, sqs=None, config_path: Path = NOTIFICATION_FILE) -> str:
+    """Create the SQS queue, let the bucket send to it, and notify it of changes under ``<prefix>models/``.
+
+    The bucket's other notification configurations are kept (S3 replaces the whole set on write).
+    Used by infra/setup-sqs.sh. Returns the queue URL for :func:`watch_events`.
+    """
+    import boto3
+
+    if s3 is None:
+        s3 = boto3.client("s3", endpoint_url=os.environ.get("TRTFLOW_S3_ENDPOINT_URL") or None)
+    sqs = sqs or boto3.client("sqs")
+    queue_url = sqs.create_queue(QueueName=queue_name)["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    policy = {"Version": "2012-10-17", "Statement": [{
+        "Sid": "trtflow-s3-notifications", "Effect": "Allow", "Principal": {"Service": "s3.amazonaws.com"},
+        "Action": "sqs:SendMessage", "Resource": arn,
+        "Condition": {"ArnEquals": {"aws:SourceArn": f"arn:aws:s3:::{bucket}"}}}]}
+    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"Policy": json.dumps(policy)})
+    ours = json.loads(Path(config_path).read_text())["QueueConfigurations"]
+    for qc in ours:
+        qc["QueueArn"] = arn
+        for rule in qc.get("Filter", {}).get("Key", {}).get("FilterRules", []):
+            if rule["Name"].lower() == "prefix":
+                rule["Value"] = prefix.strip("/") + "/" + MODELS_PREFIX if prefix.strip("/") else MODELS_PREFIX
+    current = s3.get_bucket_notification_configuration(Bucket=bucket)
+    current.pop("ResponseMetadata", None)
+    ids = {qc["Id"] for qc in ours}
+    current["QueueConfigurations"] = [q for q in current.get("QueueConfigurations", []) if q.get("Id") not in ids] + ours
+    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=current)
+    return queue_url
 
 
 @flow(name="watch-events")

@@ -11,7 +11,8 @@ from moto import mock_aws
 
 from flows import watch
 from flows.watch import (STATE_KEY, Due, EventSource, PackageState, WatchState, event_loop, idempotency_key,
-                         keys_from_message, load_state, observe, package_name_for_key, poll_once, version_of)
+                         keys_from_message, load_state, observe, package_name_for_key, poll_once,
+                         setup_event_notifications, version_of)
 from tasks.package import list_packages
 from tasks.storage import LocalStorage, S3Storage
 
@@ -228,12 +229,18 @@ def test_event_mode_with_moto_s3_notifications(aws_env):
         s3 = boto3.client("s3", region_name="us-east-1")
         sqs = boto3.client("sqs", region_name="us-east-1")
         s3.create_bucket(Bucket="models-bucket")
-        q = sqs.create_queue(QueueName="trtflow-events")["QueueUrl"]
-        arn = sqs.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        config = json.loads((Path(__file__).resolve().parents[2] / "infra/s3-sqs-notification.json").read_text())
-        for qc in config["QueueConfigurations"]:
-            qc["QueueArn"] = arn
-        s3.put_bucket_notification_configuration(Bucket="models-bucket", NotificationConfiguration=config)
+        other = sqs.create_queue(QueueName="someone-elses")["QueueUrl"]
+        other_arn = sqs.get_queue_attributes(QueueUrl=other, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        s3.put_bucket_notification_configuration(Bucket="models-bucket", NotificationConfiguration={
+            "QueueConfigurations": [{"Id": "theirs", "QueueArn": other_arn, "Events": ["s3:ObjectCreated:*"],
+                                     "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "logs/"}]}}}]})
+        # What infra/setup-sqs.sh runs: queue, queue policy, notification for models/ (twice: idempotent).
+        for _ in range(2):
+            q = setup_event_notifications("models-bucket", "trtflow-events", s3=s3, sqs=sqs)
+        config = s3.get_bucket_notification_configuration(Bucket="models-bucket")["QueueConfigurations"]
+        assert sorted(c["Id"] for c in config) == ["theirs", "trtflow-models"]
+        policy = json.loads(sqs.get_queue_attributes(QueueUrl=q, AttributeNames=["Policy"])["Attributes"]["Policy"])
+        assert policy["Statement"][0]["Condition"]["ArnEquals"]["aws:SourceArn"] == "arn:aws:s3:::models-bucket"
         storage = S3Storage("models-bucket", client=s3)
         s3.put_object(Bucket="models-bucket", Key="models/m1/model.onnx", Body=b"m1")
         s3.put_object(Bucket="models-bucket", Key="models/m1/calibration/img 1.npy", Body=b"c")
