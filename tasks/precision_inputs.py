@@ -82,11 +82,11 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
                         calibrator={"batches": [str(b) for b in batches], "cache_in": str(cache_in) if cache_in else None,
                                     "cache_out": str(cache_out), "cache_key": key},
                         record=record)
-    key = quantize.qdq_cache_key(package.name, package.model_sha256, data.sha256, spec)
+    key = quantize.qdq_cache_key(package.name, package.model_sha256, data.sha256, spec, tensorrt=env.tensorrt)
     qdq_path = Path(workdir) / "model.qdq.onnx"
     reused = quantize.fetch_cached_qdq(storage, key, qdq_path)
     if not reused:
-        result = quantize.qdq_model_from_calibration(package.model_path, data, spec, qdq_path)
+        result = quantize.qdq_model_from_calibration(package.model_path, data, spec, qdq_path, tensorrt=env.tensorrt)
         quantize.store_cached_qdq(storage, key, qdq_path, result)
         record.update(backend=result.backend, qdq_nodes=result.qdq_nodes, excluded=result.excluded_nodes)
     problems = quantize.check_qdq_structure(qdq_path)

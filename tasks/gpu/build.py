@@ -45,7 +45,7 @@ def import_tensorrt() -> Any:
         import tensorrt as trt  # noqa: WPS433 - only the GPU interpreter has it
     except Exception as err:  # ImportError, or an OSError from a missing libnvinfer
         raise InfraError(f"TensorRT cannot be imported in {sys.executable} ({type(err).__name__}: {err})",
-                         fix=TRT_PYTHON_FIX) from None
+                         fix=TRT_PYTHON_FIX, retriable=False) from None  # a retry meets the same interpreter
     return trt
 
 

@@ -102,7 +102,8 @@ def cuda_init() -> Any:
     except Exception as err:  # noqa: BLE001 - ImportError, or OSError for a missing libcuda.so.1
         raise InfraError(f"pycuda cannot be imported in {sys.executable} ({type(err).__name__}: {err})",
                          fix="Set TRT_PYTHON to an interpreter with tensorrt and pycuda (pip install 'trtflow[gpu]' on "
-                             "a GPU worker, or /opt/trt/bin/trt-python), see README 'GPU worker'") from None
+                             "a GPU worker, or /opt/trt/bin/trt-python), see README 'GPU worker'",
+                         retriable=False) from None
     try:
         _push_primary_context(cuda)
     except Exception as err:  # noqa: BLE001 - pycuda.driver.Error subclasses
