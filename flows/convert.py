@@ -212,7 +212,8 @@ def convert_model(request: ConvertRequest) -> dict:
                              "is not representative")
             results[precision] = {"result": "passed" if passed else "failed-gate", "gate": gate_dict,
                                   "engine": outcome.engine, "bench": outcome.response.get("bench"),
-                                  "prepared": prepared, "layers": outcome.response.get("layers")}
+                                  "prepared": prepared, "layers": outcome.response.get("layers"),
+                                  "gpu_seconds": round(outcome.seconds, 3)}
             rows.append(_row(precision, "passed" if passed else "failed gate", gate_dict, outcome, ort))
             if passed:
                 manifest = publish.build_manifest(
