@@ -349,12 +349,9 @@ def up(opts: StackOptions) -> StackInfo:
                                                                      "process", "--name", f"cpu-{host}"],
                                 worker_env, logs, opts.code_dir))
             for gpu in gpus:
-                name = f"gpu{gpu}-{host}"
-                expected["gpu"].append(name)
-                # --limit 1: a worker never runs two conversions; gpu_slot guards the GPU itself.
-                procs.append(_spawn(f"worker-gpu{gpu}", prefect_command() + [
-                    "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1", "--name", name],
-                    dict(worker_env, CUDA_VISIBLE_DEVICES=str(gpu)), logs, opts.code_dir))
+                proc = _spawn_gpu_worker(gpu, worker_env, logs, opts.code_dir, procs)
+                expected["gpu"].append(proc.role[len("worker-"):])
+                procs.append(proc)
             info.save()
             wait_for_workers(expected, opts.timeout_s, procs)
     except BaseException:
@@ -364,6 +361,39 @@ def up(opts: StackOptions) -> StackInfo:
     info.save()
     log.info("trtflow is up: UI %s, bucket %s", info.ui_url, bucket)
     return info
+
+
+def _spawn_gpu_worker(gpu: str, worker_env: dict, logs: Path, code_dir: Path, procs: List[Proc]) -> Proc:
+    """One GPU worker pinned to GPU ``gpu``; its role (and Prefect worker name) is unique in the stack."""
+    host = socket.gethostname()
+    taken = {p.role for p in procs}
+    name, n = f"gpu{gpu}-{host}", 1
+    while f"worker-{name}" in taken:  # a second worker on the same GPU (allowed; gpu_slot serialises them)
+        n += 1
+        name = f"gpu{gpu}-{host}-{n}"
+    # --limit 1: a worker never runs two conversions; gpu_slot guards the GPU itself.
+    return _spawn(f"worker-{name}", prefect_command() + [
+        "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1", "--name", name],
+        dict(worker_env, CUDA_VISIBLE_DEVICES=str(gpu)), logs, code_dir)
+
+
+def add_gpu_worker(state_dir: Path, gpu: str, timeout_s: float = 120.0) -> Proc:
+    """Start one more GPU worker in a running stack (recorded, so ``down`` stops it too)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    state = Path(state_dir).resolve()
+    info = StackInfo.load(state)
+    if info is None or not any(_alive(p) for p in info.processes):
+        raise InfraError(f"no trtflow stack is running from {state}.", fix="Run `trtflow up` first.")
+    env = dict(os.environ, PREFECT_HOME=str(state / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=info.api_url, TRTFLOW_BUCKET=info.bucket)
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = _spawn_gpu_worker(str(gpu), env, state / "logs", PROJECT_ROOT, info.processes)
+    info.processes.append(proc)
+    info.save()
+    with temporary_settings({PREFECT_API_URL: info.api_url}):
+        wait_for_workers({"gpu": [proc.role[len("worker-"):]]}, timeout_s, [proc])
+    return proc
 
 
 def down(state_dir: Path, timeout_s: float = 30.0) -> List[str]:

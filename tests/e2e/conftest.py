@@ -9,7 +9,6 @@ import os
 import socket
 import time
 import uuid
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import pytest
@@ -28,6 +27,9 @@ E2E_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_REGION": "us-east-1",
 }
+# TRTFLOW_E2E_REAL_GPU=1 (on a GPU machine, with TRT_PYTHON set): real TensorRT instead of the double,
+# and `trtflow up`'s own GPU detection (one worker per GPU that nvidia-smi lists).
+REAL_GPU = os.environ.get("TRTFLOW_E2E_REAL_GPU") == "1"
 WATCH_INTERVAL = 4.0
 SETTLE_SECONDS = 3.0
 
@@ -58,7 +60,6 @@ def e2e_stack(_moto_server_endpoint: str, tmp_path_factory) -> Iterator[stack.St
     bucket = f"e2e-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=_moto_server_endpoint, region_name="us-east-1",
                  aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)
-    double = make_trt_python_double(state / "double")
     mp = pytest.MonkeyPatch()
     for key, value in E2E_ENV.items():
         mp.setenv(key, value)
@@ -66,7 +67,8 @@ def e2e_stack(_moto_server_endpoint: str, tmp_path_factory) -> Iterator[stack.St
                 "TRTFLOW_BUCKET", "PREFECT_API_DATABASE_CONNECTION_URL"):
         mp.delenv(var, raising=False)
     mp.setenv("TRTFLOW_S3_ENDPOINT_URL", _moto_server_endpoint)
-    mp.setenv("TRT_PYTHON", str(double))
+    if not REAL_GPU:
+        mp.setenv("TRT_PYTHON", str(make_trt_python_double(state / "double")))
     started = time.monotonic()
     info = stack.up(stack.StackOptions(state_dir=state, port=free_port(), bucket=f"s3://{bucket}",
                                        watch_interval=WATCH_INTERVAL, settle_seconds=SETTLE_SECONDS))

@@ -4,7 +4,6 @@ from __future__ import annotations
 from datetime import date
 
 import boto3
-import pytest
 from moto import mock_aws
 
 from flows import rebuild
