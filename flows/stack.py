@@ -429,7 +429,7 @@ def register(app) -> None:
         port: int = typer.Option(DEFAULT_PORT, help="Port of the Prefect server and UI."),
         host: str = typer.Option("127.0.0.1", help="Address the server listens on."),
         bucket: Optional[str] = typer.Option(None, envvar="TRTFLOW_BUCKET",
-                                        help="s3://bucket[/prefix] or a folder (default <state>/bucket)."),
+                                        help="s3://bucket or s3://bucket/prefix, or a folder (default <state>/bucket)."),
         api_url: Optional[str] = typer.Option(None, envvar="PREFECT_API_URL",
                                          help="Use this Prefect server instead of starting one."),
         gpus: Optional[str] = typer.Option(None, envvar="TRTFLOW_GPUS",
@@ -457,7 +457,7 @@ def register(app) -> None:
 
     @app.command("deploy")
     def deploy_cmd(
-        bucket: str = typer.Option(..., envvar="TRTFLOW_BUCKET", help="s3://bucket[/prefix] the deployments watch."),
+        bucket: str = typer.Option(..., envvar="TRTFLOW_BUCKET", help="s3://bucket or s3://bucket/prefix the deployments watch."),
         api_url: str = typer.Option(..., envvar="PREFECT_API_URL", help="The Prefect API, e.g. http://host:4200/api."),
         watch_interval: Optional[float] = typer.Option(None, help="Seconds between bucket polls (default 30)."),
         settle_seconds: Optional[float] = typer.Option(None, help="Settle time before conversion (default 30)."),
@@ -476,7 +476,7 @@ def register(app) -> None:
 
     @app.command("watch")
     def watch_cmd(
-        bucket: str = typer.Option(..., envvar="TRTFLOW_BUCKET", help="s3://bucket[/prefix] or a folder."),
+        bucket: str = typer.Option(..., envvar="TRTFLOW_BUCKET", help="s3://bucket or s3://bucket/prefix, or a folder."),
         settle_seconds: float = typer.Option(30.0, help="A model must be unchanged this long."),
     ) -> None:
         """Poll the bucket once now (as the watch-bucket deployment does) and start due conversions."""

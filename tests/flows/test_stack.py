@@ -78,3 +78,24 @@ def test_render_prefect_file_applies_overrides_and_keeps_the_rest(tmp_path):
         "watch-bucket": "cpu", "convert-model": "gpu", "nightly-rebuild": "cpu"}
     assert {d["name"]: d["schedules"] for d in original["deployments"] if "schedules" in d} == {
         "watch-bucket": [{"interval": 30}], "nightly-rebuild": [{"cron": "0 2 * * *", "timezone": "UTC"}]}
+
+
+def test_cli_commands_are_registered_and_their_help_renders():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    for command in ("up", "down", "deploy", "watch"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+    assert "--settle-seconds" in runner.invoke(app, ["up", "--help"]).output
+
+
+def test_down_without_a_stack_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["down", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0 and "nothing was running" in result.output
