@@ -417,7 +417,7 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
     del serialized, view, trt_profiles, parser, network, config, builder  # free builder memory before eval/bench
 
     layers_path, precisions, layer_count = None, {}, 0
-    info = compat.engine_information_json(trt, engine, caps)
+    info = compat.engine_information_json(trt, engine, caps, {n: r["opt"] for n, r in (profiles[0] if profiles else {}).items()})
     if info:
         layers_path = out_dir / "layers.json"
         try:

@@ -293,7 +293,9 @@ def parser_error_details(parser: Any, caps: Caps, node_names: Optional[List[str]
         err = parser.get_error(i)
         item: Dict[str, Any] = {"desc": str(err.desc())}
         try:
-            item["code"] = getattr(err.code(), "name", str(err.code()))
+            name = getattr(err.code(), "name", None)
+            # pybind11 in 8.6 exposes an enum's name as a method, later versions as a property.
+            item["code"] = str(name() if callable(name) else (name or err.code()))
         except Exception:  # noqa: BLE001 - a detail, never worth failing the report over
             pass
         index = -1
@@ -334,11 +336,30 @@ def device_memory_bytes(engine: Any) -> int:
     return 0
 
 
-def engine_information_json(trt: Any, engine: Any, caps: Caps) -> Optional[str]:
-    """The engine inspector's layer information as JSON text, or None where there is no inspector."""
+def engine_information_json(trt: Any, engine: Any, caps: Caps,
+                            shapes: Optional[Dict[str, List[int]]] = None) -> Optional[str]:
+    """The engine inspector's layer information as JSON text, or None where there is no inspector.
+
+    With dynamic shapes the inspector reports tensor formats/precisions only for an execution
+    context whose input shapes are set ("N/A due to dynamic shapes" otherwise; measured on 8.6),
+    so ``shapes`` (input name -> shape, e.g. profile 0's opt) gives it one.
+    """
     if not caps.engine_inspector:
         return None
     inspector = engine.create_engine_inspector()
     if inspector is None:
         return None
-    return str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    context = None
+    if shapes:
+        try:
+            context = engine.create_execution_context()
+            for name, shape in shapes.items():
+                context.set_input_shape(name, list(shape))
+            inspector.execution_context = context
+        except Exception as err:  # noqa: BLE001 - the report then lacks precisions, the engine is fine
+            import logging
+
+            logging.getLogger("trtflow.gpu").warning("engine inspector without shapes: %s", err)
+    text = str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    del inspector, context
+    return text
