@@ -21,8 +21,10 @@ models.save(models.small_cnn(), "/tmp/bucket/models/cnn.onnx")
 models.save(models.two_input_model(), "/tmp/bucket/models/two/model.onnx")
 PY
     python3 -m flows.cli convert /tmp/bucket/models/cnn.onnx -p fp16 -p fp32 --strategy all 2>&1 | tee "$OUT/flow-cnn.txt" | grep -vE "INFO|^\s*$" | tail -15
-    python3 -m flows.cli convert /tmp/bucket/models/two/ -p fp32 2>&1 | tee "$OUT/flow-two.txt" | grep -vE "INFO|^\s*$" | tail -8
-    python3 -m flows.cli convert /tmp/bucket/models/cnn.onnx -p fp16 -p fp32 --strategy all 2>&1 | grep -E "cached|published" | tail -2
+    if [ "${1:-}" != "--quick" ]; then
+      python3 -m flows.cli convert /tmp/bucket/models/two/ -p fp32 2>&1 | tee "$OUT/flow-two.txt" | grep -vE "INFO|^\s*$" | tail -8
+      python3 -m flows.cli convert /tmp/bucket/models/cnn.onnx -p fp16 -p fp32 --strategy all 2>&1 | grep -E "cached|published" | tail -2
+    fi
     python3 -m flows.cli status /tmp/bucket
     python3 - <<'PY' | tee "$OUT/manifest-summary.txt"
 import json
