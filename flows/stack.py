@@ -180,23 +180,22 @@ def stop_processes(procs: List[Proc], timeout_s: float = 30.0) -> List[str]:
         _signal(pid, ticks, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(_running(p, t) for p, t, _ in targets):
-        _reap()
+        _reap([p for p, _, _ in targets])
         time.sleep(0.2)  # waiting for processes to exit (a condition), with a deadline
     for pid, ticks, _ in targets:
         _signal(pid, ticks, signal.SIGKILL)
-    _reap()
+    _reap([p for p, _, _ in targets])
     return [f"{role} (pid {pid})" for pid, _, role in targets if "child" not in role]
 
 
-def _reap() -> None:
-    """Collect exit statuses of our own children (when ``down`` runs in the process that ran ``up``)."""
-    while True:
+def _reap(pids: List[int]) -> None:
+    """Collect the exit status of those ``pids`` that are our own children (``down`` in the process that
+    ran ``up``), so they do not linger as zombies; other processes' children are left alone."""
+    for pid in pids:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            pass
 
 
 # ---- readiness ---------------------------------------------------------------------------------
@@ -326,6 +325,11 @@ def up(opts: StackOptions) -> StackInfo:
             browser_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
             server_env.update(PREFECT_SERVER_API_HOST=opts.host, PREFECT_SERVER_API_PORT=str(opts.port))
             server_env.setdefault("PREFECT_UI_API_URL", f"http://{browser_host}:{opts.port}/api")
+            # Concurrency leases (the per-GPU build slots) on disk, not in server memory: a build killed
+            # while holding its GPU is freed when its lease expires even across a server restart. With
+            # the in-memory default the slot stays taken after a restart and that GPU never builds again.
+            server_env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
+                                  "prefect.server.concurrency.lease_storage.filesystem")
             procs.append(_spawn("server", prefect_command() + ["server", "start", "--host", opts.host,
                                                                  "--port", str(opts.port)],
                                 server_env, logs, state))

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections import Counter
+from pathlib import Path
 
 import boto3
 import pytest
@@ -125,6 +126,8 @@ def test_three_models_one_updated_twice_convert_once_per_version(e2e_stack, e2e_
     # The GPU stage held its per-GPU concurrency limit and gave it back.
     limits = [lim for lim in e2e_client.read_global_concurrency_limits(limit=50) if lim.name.startswith("gpu-")]
     assert limits and all(lim.limit == 1 and lim.active_slots == 0 for lim in limits), limits
+    # ... and its leases lived on disk, where a restarted server still finds (and expires) them.
+    assert (Path(e2e_stack.state_dir) / "prefect" / "concurrency_leases").is_dir()
 
     print(f"\n[e2e] stack up in {e2e_stack.startup_s:.1f} s; drop-to-done for 5 versions "
           f"{time.monotonic() - t_start:.1f} s (watch every {WATCH_INTERVAL:g} s, settle {SETTLE_SECONDS:g} s)")
