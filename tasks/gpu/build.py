@@ -201,6 +201,24 @@ def _precision_of_tensor(tensor: Any) -> Optional[str]:
     return None
 
 
+_TACTIC_PATTERNS = [  # kernel names spell their input/output types: ..._i8i8_i8i32_f32_..., ..._f16f16_..., FP32FP32NCHW
+    ("int8", re.compile(r"I8I8|INT8|IMMA")), ("fp16", re.compile(r"F16F16|H16H16|FP16|HMMA")),
+    ("fp32", re.compile(r"F32F32|FP32|FFMA|SGEMM")),
+]
+
+
+def _precision_of_tactic(name: Any) -> Optional[str]:
+    """Precision from the kernel (tactic) name: with dynamic shapes TensorRT 8.6's inspector reports
+    tensor formats as 'N/A due to dynamic shapes' (measured on the H100), the tactic name still tells."""
+    if not isinstance(name, str) or not name:
+        return None
+    upper = name.upper()
+    for precision, pattern in _TACTIC_PATTERNS:
+        if pattern.search(upper):
+            return precision
+    return None
+
+
 def layer_precisions(info: Any) -> Dict[str, int]:
     """Count the engine's layers by precision from the engine inspector's JSON.
 
@@ -226,6 +244,8 @@ def layer_precisions(info: Any) -> Dict[str, int]:
                     precision = _precision_of_tensor(tensor)
                     if precision:
                         break
+            if not precision:
+                precision = _precision_of_tactic(layer.get("TacticName"))
         precision = precision or "unknown"
         counts[precision] = counts.get(precision, 0) + 1
     return counts

@@ -213,3 +213,26 @@ def test_gpu_modules_follow_the_python39_rules(path):
                 assert not (isinstance(side, (ast.Name, ast.Constant)) and getattr(side, "id", None) in
                             {"int", "str", "float", "bool", "dict", "list", "bytes", "Path"}
                             or isinstance(side, ast.Constant) and side.value is None), f"{path.name}: runtime X | Y"
+
+
+def test_layer_precisions_of_a_real_trt86_engine_with_dynamic_shapes():
+    """layers.json captured on the H100 (TensorRT 8.6.0, small_cnn FP16 build, dynamic batch): every
+    tensor format reads 'N/A due to dynamic shapes', so the precision comes from the tactic names."""
+    from pathlib import Path
+
+    from tasks.gpu.build import layer_precisions
+
+    text = (Path(__file__).parent / "data" / "layers-trt8.6-fp16-small-cnn.json").read_text()
+    counts = layer_precisions(text)
+    assert counts == {"fp32": 4, "unknown": 1}  # the tiny convs won FP32 tactics; the reshape is a no-op
+
+
+def test_layer_precision_from_int8_and_fp16_tactic_names():
+    from tasks.gpu.build import layer_precisions
+
+    info = {"Layers": [
+        {"Name": "c1", "TacticName": "sm80_xmma_fprop_implicit_gemm_interleaved_i8i8_i8i32_f32_nchw_vect_c_32kcrs",
+         "Inputs": [{"Format/Datatype": "N/A due to dynamic shapes"}]},
+        {"Name": "c2", "TacticName": "sm80_xmma_fprop_implicit_gemm_f16f16_f16f16_f16_nhwckrsc_nhwc_tilesize64x64x64"},
+        {"Name": "p", "TacticName": "sm50_xmma_pooling_fw_4d_FP32FP32NCHW_Average_FastDiv"}]}
+    assert layer_precisions(info) == {"int8": 1, "fp16": 1, "fp32": 1}
