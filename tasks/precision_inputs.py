@@ -23,22 +23,6 @@ class Prepared:
     record: dict = field(default_factory=dict)  # what the manifest says about calibration
 
 
-def _inputs(model_path: Path) -> List[dict]:
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    init = {i.name for i in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in init:
-            continue
-        t = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-        out.append({"name": vi.name, "elem_type": t.elem_type,
-                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
-    return out
-
-
 def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPackage, precision: str,
             profiles: List[dict], workdir: Path) -> Prepared:
     """Make the inputs of one precision's engine build.
@@ -63,7 +47,8 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
         raise ModelError(f"calibration.mode 'calibrator' needs TensorRT's implicit INT8 calibrator, which TensorRT "
                          f"{env.tensorrt} no longer has.", fix="Use calibration.mode: qdq (explicit quantisation).")
     folder = package.data_dir(spec.calibration.data)
-    data = calibration.load_calibration_data(folder, spec, _inputs(package.model_path), profiles=profiles)
+    data = calibration.load_calibration_data(folder, spec, calibration.inputs_from_onnx(package.model_path),
+                                             profiles=profiles)
     record = {"mode": mode, "method": spec.calibration.method, "data_sha256": data.sha256, "samples": data.samples,
               "synthetic": data.synthetic, "synthetic_calibration": data.synthetic}
     if data.synthetic:

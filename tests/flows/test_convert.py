@@ -159,3 +159,44 @@ def test_converts_from_s3_and_publishes_there(prefect_harness, gpu_double, moto_
     assert storage.head(latest["engine"]) is not None
     manifest = storage.read_json(latest["manifest"])
     assert {i["name"] for i in manifest["model"]["inputs"]} == {"features", "ids"}
+
+
+def _trained_package(bucket: Path, name: str, yaml_text: str, calibration: bool = True) -> Path:
+    from tests import trained
+
+    model, eval_x, _, calib_x = trained.train_small_cnn()
+    root = bucket / "models" / name
+    models.save(model, root / "model.onnx")
+    (root / "trtflow.yaml").write_text(yaml_text)
+    if calibration:
+        (root / "calibration").mkdir(parents=True)
+        np.save(root / "calibration" / "images.npy", calib_x)
+    (root / "eval").mkdir(parents=True)
+    np.save(root / "eval" / "images.npy", eval_x[:64])
+    return root
+
+
+@pytest.mark.parametrize("mode", ["qdq", "calibrator"])
+def test_int8_from_calibration_data_is_published_and_cached_qdq_reused(prefect_harness, gpu_double, bucket, mode):
+    _trained_package(bucket, "bars", f"precisions: [int8, fp32]\ncalibration: {{mode: {mode}}}\n")
+    summary = _convert(bucket / "models" / "bars")
+    assert summary["results"] == {"int8": "passed"} and summary["latest"]["precision"] == "int8"
+    store = LocalStorage(bucket)
+    manifest = store.read_json(store.read_json(latest_key("bars"))["manifest"])
+    assert manifest["calibration"]["mode"] == mode and manifest["calibration"]["synthetic"] is False
+    assert manifest["eval"]["synthetic"] is False
+    if mode == "qdq":
+        assert store.head(manifest["calibration"]["qdq_key"]) is not None
+        again = _convert(bucket / "models" / "bars", force=True)
+        conversion = store.read_json(store.read_json(latest_key("bars"))["conversion"])
+        assert again["status"] == "published" and conversion["precisions"]["int8"]["prepared"]["qdq_reused"] is True
+
+
+def test_int8_without_calibration_data_is_refused_and_the_chain_falls_back(prefect_harness, gpu_double, bucket):
+    _trained_package(bucket, "nocal", "precisions: [int8, fp16]\n", calibration=False)
+    summary = _convert(bucket / "models" / "nocal")
+    assert summary["results"] == {"int8": "failed", "fp16": "passed"}
+    store = LocalStorage(bucket)
+    conversion = store.read_json(store.read_json(latest_key("nocal"))["conversion"])
+    error = conversion["precisions"]["int8"]["error"]
+    assert error["kind"] == "model" and "calibration" in error["message"] and "synthetic: true" in error["fix"]
