@@ -88,12 +88,12 @@ def reference(package: LocalPackage, spec: ModelSpec, profiles: List[dict]):
 def build_engine(storage, env: GpuEnv, spec: ModelSpec, package: LocalPackage, precision: str, profiles: List[dict],
                  eval_set, workdir: Path) -> engine_stage.EngineOutcome:
     """Prepare the precision's ONNX (Q/DQ, FP16 graph), then build/run/time it on the GPU."""
-    from flows.gpu_slot import gpu_slot
+    from flows.gpu_slot import default_gpu_id, gpu_slot
     from tasks import precision_inputs
 
     prepared = precision_inputs.prepare(storage, env=env, spec=spec, package=package, precision=precision,
                                         profiles=profiles, workdir=workdir)
-    with gpu_slot(env.gpu_uuid or "gpu-0"):
+    with gpu_slot(default_gpu_id(env.gpu_uuid)):
         outcome = engine_stage.engine_from_onnx(
             storage, env=env, spec=spec, onnx_path=prepared.onnx_path, precision=precision, profiles=profiles,
             workdir=workdir, eval_inputs=eval_set.path, int8_mode=prepared.int8_mode,

@@ -13,8 +13,8 @@ class ConvertRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_uri: str = Field(..., description="s3://bucket/models/<name>.onnx, s3://bucket/models/<name>/ or a local "
-                                            "<bucket-folder>/models/<name>.onnx",
+    model_uri: str = Field(..., description="s3://BUCKET/models/NAME.onnx, s3://BUCKET/models/NAME/ or a local "
+                                            "BUCKET-FOLDER/models/NAME.onnx",
                            examples=["s3://my-models/models/resnet50.onnx"])
     precisions: Optional[List[Precision]] = Field(
         None, description="Precisions in preference order (empty = the spec's, default int8, fp16, fp32)")
