@@ -180,14 +180,15 @@ _PRECISION_PATTERNS = [  # order matters: UINT8 before INT8, BF16 before FP16/FL
 ]
 
 
-def _precision_of_text(text: Any) -> Optional[str]:
+def _first_match(patterns: List[Tuple[str, Any]], text: Any) -> Optional[str]:
     if not isinstance(text, str) or not text:
         return None
     upper = text.upper()
-    for name, pattern in _PRECISION_PATTERNS:
-        if pattern.search(upper):
-            return name
-    return None
+    return next((name for name, pattern in patterns if pattern.search(upper)), None)
+
+
+def _precision_of_text(text: Any) -> Optional[str]:
+    return _first_match(_PRECISION_PATTERNS, text)
 
 
 def _precision_of_tensor(tensor: Any) -> Optional[str]:
@@ -210,13 +211,7 @@ _TACTIC_PATTERNS = [  # kernel names spell their input/output types: ..._i8i8_i8
 def _precision_of_tactic(name: Any) -> Optional[str]:
     """Precision from the kernel (tactic) name: with dynamic shapes TensorRT 8.6's inspector reports
     tensor formats as 'N/A due to dynamic shapes' (measured on the H100), the tactic name still tells."""
-    if not isinstance(name, str) or not name:
-        return None
-    upper = name.upper()
-    for precision, pattern in _TACTIC_PATTERNS:
-        if pattern.search(upper):
-            return precision
-    return None
+    return _first_match(_TACTIC_PATTERNS, name)
 
 
 def layer_precisions(info: Any) -> Dict[str, int]:
