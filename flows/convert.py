@@ -29,7 +29,7 @@ from tasks import accuracy, engine as engine_stage, publish
 from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable
 from tasks.gpu_client import GpuEnv, probe_gpu
 from tasks.metrics import gate as accuracy_gate
-from tasks.package import LocalPackage, fetch_package, open_model
+from tasks.package import LocalPackage, ModelPackage, fetch_package, open_model
 from tasks.spec import ModelSpec, load_spec
 from tasks.validate import validate_model
 
@@ -47,8 +47,7 @@ STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_infra_only)
 
 
 @task(name="fetch-model", retries=3, retry_delay_seconds=[2, 10, 30], **STAGE)
-def fetch_model(model_uri: str, workdir: Path) -> LocalPackage:
-    storage, pkg = open_model(model_uri)
+def fetch_model(storage, pkg: ModelPackage, workdir: Path) -> LocalPackage:
     return fetch_package(storage, pkg, workdir)
 
 
@@ -158,7 +157,7 @@ def convert_model(request: ConvertRequest) -> dict:
     storage, pkg = open_model(request.model_uri)  # a bad URI fails here, before anything can be recorded
     name, sha, stage = pkg.name, "", "fetch"
     try:
-        package = fetch_model(request.model_uri, workdir)
+        package = fetch_model(storage, pkg, workdir)
         sha = package.model_sha256
         stage = "spec"
         spec = load_model_spec(package, request.spec_overrides())
@@ -249,7 +248,7 @@ def convert_model(request: ConvertRequest) -> dict:
                       "latest": {"precision": best.precision, "engine": best.engine_key, "manifest": best.manifest_key},
                       "notes": notes, "gpu": env.to_dict()}
         conv_key = publish.write_conversion(storage, name=name, model_sha=sha, target=env.target, spec_key=spec_key,
-                                            record=dict(conversion, key=None))
+                                            record=conversion)
         latest = publish.write_latest(storage, name=name, model_sha=sha, target=env.target, best=best,
                                       conversion=conv_key, flow_run_id=run_id)
         publish.write_status(storage, name=name, model_sha=sha, status="published", stage="done", flow_run_id=run_id,

@@ -62,7 +62,7 @@ def engine_request(*, onnx_path: Path, out_dir: Path, precision: str, spec: Mode
     }
 
 
-def _portable(request: dict, out_dir: Path) -> dict:
+def _portable(request: dict) -> dict:
     """The request as stored beside the engine: local paths made relative to the rebuild folder."""
     portable = json.loads(json.dumps(request))
     portable.update(onnx_path="model.onnx", out_dir=".", timing_cache_in=None, timing_cache_out=None)
@@ -148,8 +148,8 @@ def engine_from_onnx(storage: Storage, *, env: GpuEnv, spec: ModelSpec, onnx_pat
     if calibration and calibration.get("cache_key") and Path(calibration["cache_out"]).exists() \
             and not calibration.get("cache_in"):
         storage.upload(Path(calibration["cache_out"]), calibration["cache_key"])  # reused by the next build
-    (out_dir / "request.json").write_text(json.dumps(_portable(request, out_dir), indent=2, sort_keys=True))
-    (out_dir / "reproduce.sh").write_text(reproduce_script(_portable(request, out_dir), model_url, env.interpreter))
+    (out_dir / "request.json").write_text(json.dumps(_portable(request), indent=2, sort_keys=True))
+    (out_dir / "reproduce.sh").write_text(reproduce_script(_portable(request), model_url, env.interpreter))
     files = {"model.plan": out_dir / "model.plan", "build.log": call.log_path, "request.json": out_dir / "request.json",
              "reproduce.sh": out_dir / "reproduce.sh"}
     layers = (call.response.get("layers") or {}).get("path")

@@ -112,7 +112,7 @@ def publish_engine(storage: Storage, *, name: str, model_sha: str, target: str, 
 
 def write_conversion(storage: Storage, *, name: str, model_sha: str, target: str, spec_key: str, record: dict) -> str:
     key = conversion_key(name, model_sha, target, spec_key)
-    storage.write_json(key, dict(record, schema=CONVERSION_SCHEMA, written_at=now()))
+    storage.write_json(key, dict(record, key=key, schema=CONVERSION_SCHEMA, written_at=now()))
     return key
 
 

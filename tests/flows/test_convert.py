@@ -90,6 +90,9 @@ def test_second_run_is_a_cache_hit_unless_forced(prefect_harness, gpu_double, bu
     assert first["status"] == "published"
     again = _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"])
     assert again["status"] == "cached"
+    store = LocalStorage(bucket)
+    status = store.read_json(status_key("cnn", sha256_file(bucket / "models" / "cnn.onnx")))
+    assert status["status"] == "cached" and status["conversion"] == store.read_json(latest_key("cnn"))["conversion"]
     assert again["latest"]["engine"] == first["latest"]["engine"]
     forced = _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"], force=True)
     assert forced["status"] == "published"
