@@ -27,12 +27,11 @@ from tasks.errors import ModelError
 from tasks.metrics import GateResult, OutputMetrics, compare_outputs, gate
 from tasks.package import LocalPackage
 from tasks.spec import SPEC_FILENAME, ModelSpec
-from tasks.validate import (ResolvedProfile, TensorInfo, ValidationReport, resolve_profiles, load_model_proto,
-                            model_io)
+from tasks.shapes import SYNTHETIC_INT_HIGH, ResolvedProfile, TensorInfo, model_io, synthetic_array
+from tasks.validate import ValidationReport, load_model_proto, resolve_profiles
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_INT_HIGH = 10  # synthetic integer inputs are drawn from [0, 10): valid ids for any table of >= 10 rows
 
 
 # ---- the npz protocol ---------------------------------------------------------------------------
@@ -133,17 +132,11 @@ def _int_highs(model: onnx.ModelProto) -> Dict[str, int]:
 
 
 def _synthetic(shape: List[int], dtype: np.dtype, rng: np.random.Generator, int_high: int) -> np.ndarray:
-    if dtype == np.bool_:
-        return rng.random(shape) < 0.5
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype == np.uint8:
-        return rng.integers(0, 256, size=shape).astype(dtype)
-    if np.issubdtype(dtype, np.integer):
-        # small and non-negative: valid as ids, lengths, indices and class labels
-        return rng.integers(0, max(1, int_high), size=shape).astype(dtype)
-    raise ModelError(f"cannot make synthetic data of dtype {dtype}.",
-                     fix="Provide eval data in the package's eval/ folder.")
+    try:
+        return synthetic_array(shape, dtype, rng, int_high)
+    except TypeError:
+        raise ModelError(f"cannot make synthetic data of dtype {dtype}.",
+                         fix="Provide eval data in the package's eval/ folder.") from None
 
 
 def _np_dtype(t: TensorInfo) -> np.dtype:
@@ -287,7 +280,7 @@ def eval_inputs(local_package: LocalPackage, spec: ModelSpec, model_path: Option
     """
     model_path = Path(model_path or local_package.model_path)
     model = load_model_proto(model_path)
-    inputs, _ = model_io(model)
+    inputs = model_io(model).inputs
     resolved = _profiles(inputs, spec, model_path, profiles)
     profile = resolved[0] if resolved else {}
     opt = _opt_shapes(inputs, profile)
@@ -415,7 +408,7 @@ def latency_inputs(model_path: Path, inputs: Union[Mapping[str, Any], EvalSet], 
     values = list(inputs.values())
     if values and all(isinstance(v, Mapping) and "opt" in v for v in values):
         model = load_model_proto(Path(model_path))
-        model_inputs, _ = model_io(model)
+        model_inputs = model_io(model).inputs
         opt = _opt_shapes(model_inputs, {n: dict(r) for n, r in inputs.items()})
         rng = np.random.default_rng(seed)
         highs = _int_highs(model)

@@ -68,6 +68,7 @@ from onnx import numpy_helper
 
 from tasks.calibration import CalibrationData, CalibrationReader, inputs_from_onnx, prefect_task
 from tasks.errors import InfraError, ModelError
+from tasks.gpu.compat import Caps, caps_for_version, modelopt_qdq_readable, qdq_backend
 from tasks.package import qdq_key
 from tasks.spec import ModelSpec
 from tasks.storage import Storage
@@ -428,38 +429,27 @@ def _modelopt_available() -> bool:
     return True
 
 
-def _trt_major(tensorrt: Optional[str]) -> Optional[int]:
-    try:
-        return int(str(tensorrt).split(".")[0]) if tensorrt else None
-    except ValueError:
-        return None
+def choose_backend(spec: ModelSpec, tensorrt: Union[str, Caps, None] = None) -> str:
+    """``onnxruntime`` or ``modelopt`` as ``calibration.backend`` says (the policy: compat.qdq_backend).
 
-
-def choose_backend(spec: ModelSpec, tensorrt: Optional[str] = None) -> str:
-    """``onnxruntime`` or ``modelopt`` as ``calibration.backend`` says.
-
-    auto: ModelOpt when importable, except for a TensorRT older than 10 (``tensorrt``, the target's
-    version, when known): ModelOpt writes opset >= 19 / IR 10 graphs (measured with 0.47), which
-    TensorRT 8.6's parser does not read.
+    auto: ModelOpt when importable, except for a target (``tensorrt``: its version or Caps, when
+    known) whose parser cannot read ModelOpt's opset >= 19 / IR 10 graphs (TensorRT 8.6).
 
     Raises:
         InfraError: the spec asks for ModelOpt and this worker does not have it (not retried).
     """
     wanted = spec.calibration.backend
-    if wanted == "onnxruntime":
-        return "onnxruntime"
-    major = _trt_major(tensorrt)
-    if wanted == "auto" and major is not None and major < 10:
-        return "onnxruntime"
-    if _modelopt_available():
-        if major is not None and major < 10:
-            log.warning("calibration.backend is modelopt, whose opset-19 Q/DQ graphs TensorRT %s may not read", tensorrt)
-        return "modelopt"
-    if wanted == "modelopt":
+    caps = tensorrt if isinstance(tensorrt, Caps) or tensorrt is None else caps_for_version(str(tensorrt))
+    # import ModelOpt (slow) only where the answer depends on it
+    installed = (wanted == "modelopt" or (wanted == "auto" and modelopt_qdq_readable(caps))) and _modelopt_available()
+    chosen = qdq_backend(caps, wanted, installed)
+    if chosen == "modelopt" and not installed:
         raise InfraError("calibration.backend is 'modelopt', but NVIDIA ModelOpt is not installed on this worker.",
                          fix="pip install 'trtflow[modelopt]' on the worker, or set calibration.backend: auto.",
                          retriable=False)
-    return "onnxruntime"
+    if chosen == "modelopt" and not modelopt_qdq_readable(caps):
+        log.warning("calibration.backend is modelopt, whose opset-19 Q/DQ graphs TensorRT %s may not read", caps.version)
+    return chosen
 
 
 def _ort_batch(model: onnx.ModelProto, data: CalibrationData) -> Tuple[int, bool]:

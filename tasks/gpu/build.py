@@ -203,47 +203,95 @@ def _precision_of_tensor(tensor: Any) -> Optional[str]:
 
 
 _TACTIC_PATTERNS = [  # kernel names spell their input/output types: ..._i8i8_i8i32_f32_..., ..._f16f16_..., FP32FP32NCHW
-    ("int8", re.compile(r"I8I8|INT8|IMMA")), ("fp16", re.compile(r"F16F16|H16H16|FP16|HMMA")),
+    ("fp16", re.compile(r"F16F16|H16H16|FP16|HMMA")),
     ("fp32", re.compile(r"F32F32|FP32|FFMA|SGEMM")),
 ]
+# INT8 kernels name their type in many spellings (measured and from TensorRT's kernel names):
+# i8i8_i8i32, _i8_, int8, Int8, INT8INT8NCxHWx4, imma (integer MMA), cutlass ..._s8_... / i8816fprop.
+# Matched on word pieces (split at "_" and other separators) so "i8" inside e.g. "sm90" never counts;
+# checked before any float pattern because INT8 kernels also name their f32 scale/accumulator type.
+_INT8_PIECE = re.compile(r"^(?:[a-z]*int8.*|i8.*|s8|.*i8i8.*|.*imma.*)$")
+
+
+def _int8_in_name(name: Any) -> bool:
+    if not isinstance(name, str) or not name:
+        return False
+    return any(_INT8_PIECE.match(piece) for piece in re.split(r"[^a-z0-9]+", name.lower()) if piece)
 
 
 def _precision_of_tactic(name: Any) -> Optional[str]:
     """Precision from the kernel (tactic) name: with dynamic shapes TensorRT 8.6's inspector reports
     tensor formats as 'N/A due to dynamic shapes' (measured on the H100), the tactic name still tells."""
+    if _int8_in_name(name):
+        return "int8"
     return _first_match(_TACTIC_PATTERNS, name)
 
 
-def layer_precisions(info: Any) -> Dict[str, int]:
-    """Count the engine's layers by precision from the engine inspector's JSON.
+def _layer_tensors(layer: Dict[str, Any]) -> List[Any]:
+    return list(layer.get("Inputs") or []) + list(layer.get("Outputs") or [])
 
-    A layer's precision is its "Precision" field where the version writes one, else the data type
-    of its first input tensor (what a convolution reads: INT8 for an INT8 kernel), else of its first
-    output. Layers without details (built without DETAILED profiling verbosity) count as "unknown".
+
+def _layer_precision(layer: Any) -> str:
+    """One layer's precision; "unknown" only when nothing in it names a type.
+
+    Order: the version's explicit "Precision"; INT8 named anywhere (tactic, layer name, any tensor
+    format: an INT8 kernel often reads an FP32 input, so "first input" alone hid INT8 layers); the
+    first input's, then first output's type; then the tactic's float type.
     """
+    if not isinstance(layer, dict):
+        return "unknown"
+    explicit = _precision_of_text(layer.get("Precision"))
+    if explicit:
+        return explicit
+    tactic = layer.get("TacticName")
+    if _int8_in_name(tactic) or _int8_in_name(layer.get("Name")) or any(
+            _precision_of_tensor(t) == "int8" for t in _layer_tensors(layer)):
+        return "int8"
+    for key in ("Inputs", "Outputs"):
+        for tensor in layer.get(key) or []:
+            found = _precision_of_tensor(tensor)
+            if found:
+                return found
+    return _precision_of_tactic(tactic) or "unknown"
+
+
+def _inspector_layers(info: Any) -> List[Any]:
     if isinstance(info, (str, bytes)):
         try:
             info = json.loads(info, strict=False)
         except ValueError:
-            return {}
+            return []
     layers = info.get("Layers", []) if isinstance(info, dict) else info
+    return list(layers or [])
+
+
+def layer_table(info: Any) -> List[Dict[str, Any]]:
+    """Per layer of the engine inspector's JSON: name, type, precision and tactic name."""
+    rows = []
+    for layer in _inspector_layers(info):
+        is_dict = isinstance(layer, dict)
+        rows.append({"name": str(layer.get("Name", "")) if is_dict else str(layer),
+                     "type": str(layer.get("LayerType", "")) if is_dict else "",
+                     "precision": _layer_precision(layer),
+                     "tactic": str(layer.get("TacticName", "")) if is_dict else ""})
+    return rows
+
+
+def layer_precisions(info: Any) -> Dict[str, int]:
+    """Count the engine's layers by precision from the engine inspector's JSON (see ``_layer_precision``).
+
+    Layers without details (built without DETAILED profiling verbosity) count as "unknown".
+    """
     counts: Dict[str, int] = {}
-    for layer in layers or []:
-        precision = None
-        if isinstance(layer, dict):
-            precision = _precision_of_text(layer.get("Precision"))
-            for key in ("Inputs", "Outputs"):
-                if precision:
-                    break
-                for tensor in layer.get(key) or []:
-                    precision = _precision_of_tensor(tensor)
-                    if precision:
-                        break
-            if not precision:
-                precision = _precision_of_tactic(layer.get("TacticName"))
-        precision = precision or "unknown"
-        counts[precision] = counts.get(precision, 0) + 1
+    for row in layer_table(info):
+        counts[row["precision"]] = counts.get(row["precision"], 0) + 1
     return counts
+
+
+def unknown_layers(info: Any, limit: int = 20) -> List[Dict[str, str]]:
+    """The layers counted "unknown", with their tactic names: what to read when a precision is missing."""
+    return [{"name": r["name"], "type": r["type"], "tactic": r["tactic"]}
+            for r in layer_table(info) if r["precision"] == "unknown"][:limit]
 
 
 def onnx_node_table(onnx_path: str) -> Tuple[List[str], List[str]]:
@@ -431,7 +479,7 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
         raise _build_failure(logger, "deserializing the engine just built")
     del serialized, view, trt_profiles, parser, network, config, builder  # free builder memory before eval/bench
 
-    layers_path, precisions, layer_count = None, {}, 0
+    layers_path, precisions, layer_count, unknown = None, {}, 0, []
     info = compat.engine_information_json(trt, engine, caps, {n: r["opt"] for n, r in (profiles[0] if profiles else {}).items()})
     if info:
         layers_path = out_dir / "layers.json"
@@ -443,6 +491,7 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
             pass
         layers_path.write_text(info)
         precisions = layer_precisions(info)
+        unknown = unknown_layers(info)
         layer_count = sum(precisions.values())
 
     response: Dict[str, Any] = {
@@ -451,7 +500,8 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
                    "builder_flags": flags, "network_flags": list(plan.network_flags), "profiles": profiles,
                    "plan": plan.to_dict(), "io": engine_io(trt, engine)},
         "timing_cache": {"loaded_bytes": cache_loaded, "saved_bytes": cache_saved},
-        "layers": {"path": str(layers_path) if layers_path else None, "precisions": precisions, "count": layer_count},
+        "layers": {"path": str(layers_path) if layers_path else None, "precisions": precisions, "count": layer_count,
+                   "unknown": unknown},
         "calibration": calibrator.summary() if calibrator is not None else None,
     }
     return BuildResult(response=response, engine=engine, runtime=runtime, plan=plan, profiles=profiles)

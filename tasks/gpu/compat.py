@@ -17,6 +17,10 @@ Decisions are made from ``trt.__version__`` and ``hasattr`` on the module, by pu
 run on CPU without tensorrt (``caps_from_module`` takes the module, or a test double of it). The
 small helpers at the end wrap the version-dependent calls on real TensorRT objects.
 
+``caps_for_version`` gives the same object from a version string alone, for the CPU side (validation
+against the target's parser, what to prepare: an FP16 graph, Q/DQ with which backend). No other
+module parses a TensorRT version.
+
 Python 3.9-compatible; imports only the standard library and tasks.errors.
 """
 from __future__ import annotations
@@ -69,6 +73,14 @@ class Caps:
     device_memory_size_v2: bool = False
     int64_tensors: bool = False          # DataType.INT64 (10+); 8.6 narrows int64 inputs to int32
     execute_async_v3: bool = False
+    # What this version's ONNX parser reads (from PARSER_SUPPORT; see its sources).
+    parser_min_opset: int = 0            # below: the parser warns "not guaranteed to work"
+    parser_max_opset: int = 0            # above: operators change meaning: an error
+    parser_max_ir: int = 0               # IR of the ONNX release the parser was built against
+    parser_onnx_release: str = ""
+    parser_local_functions: bool = False  # model-local functions imported (LocalFunctionImporter, 10.0+)
+    parser_table: str = ""               # the PARSER_SUPPORT row used, e.g. "8.6", "10"
+    parser_note: str = ""                # set when the version is not in the table and a neighbour was used
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -77,6 +89,8 @@ class Caps:
     def from_dict(cls, data: Optional[Dict[str, Any]]) -> "Caps":
         """Rebuild from a probe's ``caps`` (unknown keys ignored), e.g. in the flow to plan builds."""
         data = dict(data or {})
+        if data.get("version") and not data.get("parser_max_opset"):  # a probe from before the parser fields
+            data.update(_parser_fields(str(data.get("version", "0.0.0"))))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -87,6 +101,143 @@ def _has(obj: Any, *path: str) -> bool:
             return False
         obj = getattr(obj, name)
     return True
+
+
+# ---- what each TensorRT's ONNX parser accepts ---------------------------------------------------
+@dataclass(frozen=True)
+class ParserSupport:
+    """The ONNX a TensorRT release's parser reads."""
+
+    version: str
+    min_opset: int
+    max_opset: int
+    max_ir: int
+    onnx_release: str
+    local_functions: bool
+    unsupported_ops: frozenset
+    source: str
+
+
+# Operators marked "N" in onnx-tensorrt's docs/operators.md. Only that column: an op listed "Y"
+# can still fail on its restrictions (e.g. Resize modes, Einsum ellipsis); the parser says which.
+_UNSUPPORTED_8_6 = frozenset("""
+    Bernoulli BitShift BlackmanWindow Compress ConcatFromSequence ConvInteger DFT Det
+    DynamicQuantizeLinear HammingWindow HannWindow Hardmax MatMulInteger MaxRoiPool MaxUnpool
+    MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional OptionalGetElement
+    OptionalHasElement QLinearConv QLinearMatMul STFT SequenceAt SequenceConstruct SequenceEmpty
+    SequenceErase SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence
+    StringNormalizer TfIdfVectorizer Unique""".split())
+_UNSUPPORTED_10 = frozenset("""
+    AffineGrid Bernoulli BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor BlackmanWindow
+    CenterCropPad Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear
+    HammingWindow HannWindow ImageDecoder MatMulInteger MaxRoiPool MaxUnpool MelWeightMatrix
+    Multinomial NegativeLogLikelihoodLoss Optional OptionalGetElement OptionalHasElement QLinearConv
+    QLinearMatMul RegexFullMatch STFT SequenceAt SequenceConstruct SequenceEmpty SequenceErase
+    SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringConcat
+    StringNormalizer StringSplit TfIdfVectorizer Unique""".split())
+
+# Sources (looked up, not guessed):
+# - 8.6: github.com/onnx/onnx-tensorrt branch release/8.6-GA, docs/operators.md: "TensorRT 8.6
+#   supports operators up to Opset 17"; ModelImporter.cpp warns below ai.onnx opset 7; README of
+#   8.6-EA: "TensorRT 8.6.0 supports ONNX release 1.12.0" (ONNX 1.12 = IR 8, and the H100 test
+#   models are written at IR 8 for that reason). No LocalFunctionImporter before 10.0.
+# - 9.x: release/9.3 docs/operators.md "up to Opset 19", README "ONNX release 1.14.0" (IR 9).
+# - 10.x: release/10.0-GA and 10.1-GA docs/operators.md "inclusive range of opset 9 to opset 20",
+#   README "ONNX release 1.16.0" (IR 10). Later 10.x minors read newer opsets (10.15: 9 to 24);
+#   the conservative 10.0 range is used for every 10.x until a minor is added here.
+# - 11.x: docs.nvidia.com/deeplearning/tensorrt/latest/reference/onnx-opset-guide.html:
+#   maximum opset 25, minimum 9, ONNX package 1.20.0 (IR 13). Its "N" list is not published in
+#   the mirror we read; the 10.x list is used.
+PARSER_SUPPORT: Dict[str, ParserSupport] = {
+    "8.6": ParserSupport("8.6", 7, 17, 8, "1.12", False, _UNSUPPORTED_8_6, "onnx-tensorrt release/8.6-GA"),
+    "9": ParserSupport("9", 7, 19, 9, "1.14", False, _UNSUPPORTED_8_6, "onnx-tensorrt release/9.3"),
+    "10": ParserSupport("10", 9, 20, 10, "1.16", True, _UNSUPPORTED_10, "onnx-tensorrt release/10.0-GA"),
+    "11": ParserSupport("11", 9, 25, 13, "1.20", True, _UNSUPPORTED_10, "TensorRT 11.x ONNX opset guide"),
+}
+
+
+def parser_support(version: str) -> Tuple[ParserSupport, str]:
+    """The PARSER_SUPPORT row for ``version`` ("8.6.1.6", "10.3", "11"), most specific first.
+
+    Returns (row, note): note is set when the version is not in the table and the nearest older
+    row (or the oldest, below the table) was used instead.
+    """
+    parts = [int(p) for p in re.findall(r"\d+", str(version))[:3]]
+    for n in range(len(parts), 0, -1):
+        key = ".".join(str(p) for p in parts[:n])
+        if key in PARSER_SUPPORT:
+            return PARSER_SUPPORT[key], ""
+    known = sorted(PARSER_SUPPORT.values(), key=lambda s: parse_version(s.version))
+    below = [s for s in known if parse_version(s.version) <= tuple(parts + [0, 0, 0])[:3]] if parts else []
+    nearest = below[-1] if below else known[0]
+    return nearest, (f"TensorRT {version!r} is not in trtflow's parser table; judged by the rules of "
+                     f"TensorRT {nearest.version}.")
+
+
+def _parser_fields(version: str) -> Dict[str, Any]:
+    row, note = parser_support(version)
+    return dict(parser_min_opset=row.min_opset, parser_max_opset=row.max_opset, parser_max_ir=row.max_ir,
+                parser_onnx_release=row.onnx_release, parser_local_functions=row.local_functions,
+                parser_table=row.version, parser_note=note)
+
+
+def parser_unsupported_ops(caps: Caps) -> frozenset:
+    """Operators the caps' parser has no importer for (onnx-tensorrt operators.md "N")."""
+    return parser_support(caps.parser_table or caps.version)[0].unsupported_ops
+
+
+def caps_for_version(version: str) -> Caps:
+    """What TensorRT ``version`` offers, without TensorRT: for the CPU side, which knows only the
+    target's version (a worker's probe, a spec, a bucket key). The same facts as ``caps_from_module``
+    reads from a real module (see the module docstring), by release."""
+    major, minor, patch = parse_version(version)
+    v = (major, minor)
+    return Caps(
+        version=str(version), major=major, minor=minor, patch=patch,
+        fp16_flag=major < 11, int8_flag=major < 11, int8_calibrator=major < 11,
+        strongly_typed=major >= 10, strongly_typed_only=major >= 11, strongly_typed_flag=major >= 10,
+        explicit_batch_flag=major < 10,
+        engine_inspector=v >= (8, 2), hardware_compatibility=v >= (8, 6), version_compatible=v >= (8, 6),
+        optimization_level=v >= (8, 6), memory_pool_limit=v >= (8, 4), timing_cache_combine=v >= (8, 0),
+        parser_node_names=major >= 10, device_memory_size_v2=v >= (10, 1), int64_tensors=major >= 10,
+        execute_async_v3=v >= (8, 5),
+        **_parser_fields(version),
+    )
+
+
+# ---- CPU-side policy: what to prepare for a target ----------------------------------------------
+def fp16_from_graph(caps: Caps) -> bool:
+    """FP16 engines need an FP16 ONNX graph (no FP16 builder flag: TensorRT 11)."""
+    return not caps.fp16_flag or caps.strongly_typed_only
+
+
+def calibrator_available(caps: Caps) -> bool:
+    """Implicit INT8 calibration (``calibration.mode: calibrator``) exists on this TensorRT (<= 10)."""
+    return caps.int8_calibrator and caps.int8_flag and not caps.strongly_typed_only
+
+
+def modelopt_qdq_readable(caps: Optional[Caps]) -> bool:
+    """Whether the parser reads ModelOpt's Q/DQ graphs: ModelOpt writes opset >= 19 / IR 10
+    (measured with 0.47), which parsers before TensorRT 10 do not read. Unknown target: True."""
+    return caps is None or caps.parser_max_opset >= 19
+
+
+def qdq_backend(caps: Optional[Caps], wanted: str, modelopt_installed: bool) -> str:
+    """``onnxruntime`` or ``modelopt`` for ``calibration.backend`` ``wanted`` (auto | onnxruntime |
+    modelopt): auto takes ModelOpt where it is installed and the target's parser reads its graphs.
+    ``modelopt`` without ModelOpt installed is the caller's error to raise (it names the fix)."""
+    if wanted == "onnxruntime":
+        return "onnxruntime"
+    if wanted == "auto" and not modelopt_qdq_readable(caps):
+        return "onnxruntime"
+    if modelopt_installed or wanted == "modelopt":
+        return "modelopt"
+    return "onnxruntime"
+
+
+def inspector_json_available(caps: Caps) -> bool:
+    """The engine inspector can write layer information as JSON (layers.json)."""
+    return caps.engine_inspector
 
 
 def caps_from_module(trt: Any) -> Caps:
@@ -118,6 +269,7 @@ def caps_from_module(trt: Any) -> Caps:
         device_memory_size_v2=_has(trt, "ICudaEngine", "device_memory_size_v2"),
         int64_tensors=_has(trt, "DataType", "INT64"),
         execute_async_v3=_has(trt, "IExecutionContext", "execute_async_v3"),
+        **_parser_fields(version),
     )
 
 
@@ -205,7 +357,7 @@ def plan_build(caps: Caps, precision: str, int8_mode: Optional[str] = None,
 
     # int8
     if int8_mode == "calibrator":
-        if not (caps.int8_calibrator and caps.int8_flag) or caps.strongly_typed_only:
+        if not calibrator_available(caps):
             why = ("implicit INT8 calibration was removed in TensorRT 11" if caps.major >= 11 or caps.strongly_typed_only
                    else "this TensorRT has no implicit INT8 calibrator")
             raise ModelError(f"{why} (this worker has TensorRT {caps.version}).",

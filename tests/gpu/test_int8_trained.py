@@ -72,7 +72,8 @@ class Case:
         return {"engine": label, "build_s": resp["engine"]["build_seconds"], "flags": resp["engine"]["builder_flags"],
                 "samples_per_s": resp["bench"]["throughput_per_s"], "cosine": m.cosine, "top1_vs_fp32": m.top1,
                 "accuracy": accuracy(actual, self.eval_y[:len(actual)]), "gate": result.passed,
-                "gate_summary": result.summary(), "layers": resp["layers"]["precisions"]}
+                "gate_summary": result.summary(), "layers": resp["layers"]["precisions"],
+                "unknown_layers": resp["layers"].get("unknown") or [], "layers_json": resp["layers"]["path"]}
 
 
 def table(rows: List[Dict]) -> str:
@@ -115,7 +116,9 @@ def test_trained_cnn_int8_both_ways_within_the_gate(tmp_path, caps):
         assert r["gate"], f"{r['engine']}: {r['gate_summary']}"
         assert r["accuracy"] >= 0.9, r
         if r["engine"].startswith("int8"):
-            assert r["layers"].get("int8", 0) > 0, f"{r['engine']}: no layer ran in INT8: {r['layers']}"
+            assert r["layers"].get("int8", 0) > 0, (
+                f"{r['engine']}: no layer ran in INT8: {r['layers']}; unknown layers (name, type, tactic): "
+                f"{[(u['name'], u['type'], u['tactic']) for u in r['unknown_layers']]}; every layer: {r['layers_json']}")
 
 
 def test_int8_hostile_twin_fails_the_int8_gate_and_passes_fp16(tmp_path, caps):

@@ -6,12 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import onnx
 import pytest
 import yaml
 
 from tasks.errors import ModelError
 from tasks.spec import ModelSpec, parse_spec
-from tasks.validate import (TENSORRT_ONNX_SUPPORT, ValidationReport, tensorrt_support, validate_model)
+from tasks.gpu.compat import PARSER_SUPPORT, caps_for_version, parser_support
+from tasks.validate import ValidationReport, validate_model
 from tests import models
 
 
@@ -299,11 +301,11 @@ def test_string_input_is_an_error(tmp_path):
 
 
 def test_trt_version_table():
-    assert tensorrt_support("8.6.1.6") == (TENSORRT_ONNX_SUPPORT["8.6"], None)
-    assert tensorrt_support("10.3.0")[0].max_opset == 20
-    entry, note = tensorrt_support("12.0")
-    assert entry is TENSORRT_ONNX_SUPPORT["11"] and "12.0" in note
-    for s in TENSORRT_ONNX_SUPPORT.values():
+    assert parser_support("8.6.1.6") == (PARSER_SUPPORT["8.6"], "")
+    assert parser_support("10.3.0")[0].max_opset == 20
+    entry, note = parser_support("12.0")
+    assert entry is PARSER_SUPPORT["11"] and "12.0" in note
+    for s in PARSER_SUPPORT.values():
         assert s.min_opset <= s.max_opset and s.max_ir >= 8 and "Unique" in s.unsupported_ops
 
 
@@ -331,16 +333,20 @@ def test_summaries_are_readable(tmp_path):
     assert "✅ OK" in ok.summary_markdown() and "| 0 | `images` |" in ok.summary_markdown()
 
 
-def test_validate_task_runs_under_prefect(prefect_harness, tmp_path):
-    from prefect import flow
+def test_the_report_names_the_target_it_judged_against_given_as_caps_or_old_keyword(tmp_path):
+    path = models.save(models.relu_model(opset=20), _pkg(tmp_path))
+    by_caps = validate_model(path, caps=caps_for_version("10.3.1"))
+    assert by_caps.ok and by_caps.trt_version == "10.3.1"
+    by_shim = validate_model(path, trt_version="8.6.1")  # the keyword pools' flow still passes
+    assert by_shim.trt_version == "8.6.1" and by_shim.codes() == ["opset_unsupported"]
+    assert "TensorRT 8.6.1" in by_shim.summary_lines()[0]
+    assert validate_model(path, target="11.0").ok  # the CLI's --target
 
-    from tasks.validate import validate_task
+
+def test_an_already_loaded_model_is_not_parsed_again(tmp_path, monkeypatch):
+    import tasks.validate as validate_pkg
 
     path = models.save(models.small_cnn(), _pkg(tmp_path))
-
-    @flow
-    def f():
-        return validate_task(path, ModelSpec())
-
-    report = f()
-    assert isinstance(report, ValidationReport) and report.ok
+    proto = onnx.load(str(path), load_external_data=False)
+    monkeypatch.setattr(validate_pkg, "_read_proto", lambda *a: pytest.fail("the file was parsed again"))
+    assert validate_model(path, model=proto).ok

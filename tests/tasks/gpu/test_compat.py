@@ -250,3 +250,41 @@ def test_probe_without_tensorrt_fails_cleanly_naming_trt_python(tmp_path, monkey
     assert "TRT_PYTHON" in err.value.fix and "/opt/trt/bin/trt-python" in err.value.fix
     response = json.loads((tmp_path / "probe.response.json").read_text())
     assert response["ok"] is False and response["error"]["kind"] == "infra"
+
+
+# ---- the CPU side's view: caps from a version string ---------------------------------------------
+
+@pytest.mark.parametrize("version", ["8.6.0", "10.7.0", "11.0.0"])
+def test_caps_for_version_agrees_with_the_module_of_that_version(version):
+    assert compat.caps_for_version(version) == compat.caps_from_module(fake_trt(version))
+
+
+def test_parser_limits_per_version():
+    t86, t10, t11 = (compat.caps_for_version(v) for v in ("8.6.1.6", "10.3.0", "11.1"))
+    assert (t86.parser_min_opset, t86.parser_max_opset, t86.parser_max_ir) == (7, 17, 8)
+    assert not t86.parser_local_functions and t86.parser_table == "8.6" and t86.parser_note == ""
+    assert (t10.parser_min_opset, t10.parser_max_opset, t10.parser_max_ir) == (9, 20, 10) and t10.parser_local_functions
+    assert (t11.parser_max_opset, t11.parser_max_ir) == (25, 13)
+    assert "Unique" in compat.parser_unsupported_ops(t86) and "BitwiseAnd" not in compat.parser_unsupported_ops(t86)
+    assert "BitwiseAnd" in compat.parser_unsupported_ops(t10)
+    newer = compat.caps_for_version("12.0")
+    assert newer.parser_table == "11" and "12.0" in newer.parser_note
+
+
+def test_a_probe_dict_from_before_the_parser_fields_gets_them_from_its_version():
+    old = {k: v for k, v in TRT86.to_dict().items() if not k.startswith("parser_")}
+    assert compat.Caps.from_dict(old).parser_max_opset == 17
+
+
+def test_cpu_side_policy_per_version():
+    t86, t10, t11 = (compat.caps_for_version(v) for v in ("8.6.0", "10.7.0", "11.0.0"))
+    assert [compat.fp16_from_graph(c) for c in (t86, t10, t11)] == [False, False, True]
+    assert [compat.calibrator_available(c) for c in (t86, t10, t11)] == [True, True, False]
+    # auto: ModelOpt's opset-19 graphs only where the parser reads them, and only when installed
+    assert compat.qdq_backend(t86, "auto", modelopt_installed=True) == "onnxruntime"
+    assert compat.qdq_backend(t10, "auto", modelopt_installed=True) == "modelopt"
+    assert compat.qdq_backend(t10, "auto", modelopt_installed=False) == "onnxruntime"
+    assert compat.qdq_backend(None, "auto", modelopt_installed=True) == "modelopt"
+    assert compat.qdq_backend(t11, "onnxruntime", modelopt_installed=True) == "onnxruntime"
+    assert compat.qdq_backend(t86, "modelopt", modelopt_installed=False) == "modelopt"  # caller raises, naming the fix
+    assert compat.plan_build(t11, "fp16").needs_fp16_graph and not compat.plan_build(t86, "fp16").needs_fp16_graph

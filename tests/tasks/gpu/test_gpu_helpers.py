@@ -82,7 +82,8 @@ def test_layer_precisions_from_86_style_json():
         {"Name": "shape_only", "Outputs": [{"Name": "s", "Format/Datatype": "Row major linear Int32"}]},
         "layer_without_details",
     ], "Bindings": ["images", "logits"]}
-    assert layer_precisions(json.dumps(info)) == {"fp32": 1, "int8": 1, "fp16": 1, "uint8": 1, "int32": 1, "unknown": 1}
+    # conv1 reads FP32 and writes INT8: an INT8 kernel with the input reformat fused in, so int8
+    assert layer_precisions(json.dumps(info)) == {"int8": 2, "fp16": 1, "uint8": 1, "int32": 1, "unknown": 1}
 
 
 def test_layer_precisions_from_11_style_json_and_explicit_precision():
@@ -188,7 +189,11 @@ def _annotation_nodes(tree: ast.AST) -> set:
     return {id(n) for root in roots if root is not None for n in ast.walk(root)}
 
 
-@pytest.mark.parametrize("path", sorted(GPU_DIR.glob("*.py")), ids=lambda p: p.name)
+# tasks/gpu runs in the GPU worker's Python 3.9; it imports these two modules from tasks/ as well.
+SHARED_WITH_GPU = [GPU_DIR.parent / "shapes.py", GPU_DIR.parent / "errors.py"]
+
+
+@pytest.mark.parametrize("path", sorted(GPU_DIR.glob("*.py")) + SHARED_WITH_GPU, ids=lambda p: p.name)
 def test_gpu_modules_follow_the_python39_rules(path):
     source = path.read_text()
     tree = ast.parse(source, feature_version=(3, 9))  # rejects match statements and other 3.10+ syntax
@@ -206,7 +211,7 @@ def test_gpu_modules_follow_the_python39_rules(path):
                 assert top in ALLOWED_TOP | STDLIB, f"{path.name} imports {name}"
             assert top not in {"prefect", "flows", "torch", "onnxruntime", "boto3"}, f"{path.name} imports {name}"
             if top == "tasks":
-                assert name == "tasks.errors" or name.startswith("tasks.gpu"), f"{path.name} imports {name}"
+                assert name in ("tasks.errors", "tasks.shapes") or name.startswith("tasks.gpu"), f"{path.name} imports {name}"
         # `X | Y` on types is a TypeError at runtime on 3.9 (fine inside annotations)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr) and id(node) not in in_annotations:
             for side in (node.left, node.right):
@@ -236,3 +241,52 @@ def test_layer_precision_from_int8_and_fp16_tactic_names():
         {"Name": "c2", "TacticName": "sm80_xmma_fprop_implicit_gemm_f16f16_f16f16_f16_nhwckrsc_nhwc_tilesize64x64x64"},
         {"Name": "p", "TacticName": "sm50_xmma_pooling_fw_4d_FP32FP32NCHW_Average_FastDiv"}]}
     assert layer_precisions(info) == {"int8": 1, "fp16": 1, "fp32": 1}
+
+
+# Kernel names of INT8 tactics as TensorRT names them (8.6 / 10.x on Ampere and Hopper), each in a
+# layer whose tensor formats say nothing (8.6 with dynamic shapes) or say FP32 for the input.
+INT8_TACTICS = [
+    "sm90_xmma_fprop_implicit_gemm_interleaved_i8i8_i8i32_f32_nchw_vect_c_32kcrs_vect_c_32_nchw_vect_c_32_"
+    "tilesize128x128x64_stage3_warpsize2x2x1_g1_tensor16x8x32_t1r1s1",
+    "sm80_xmma_gemm_i8i8_i8i32_f32_nn_n_tilesize128x128x64_stage4_warpsize2x2x1_tensor16x8x32",
+    "sm75_xmma_fprop_imma_nchw_vect_c_32kcrs_vect_c_32_tilesize128x128x64",
+    "sm50_xmma_pooling_fw_4d_INT8INT8NCxHWx4_Average_FastDiv",
+    "trt_turing_int8x4_icudnn_int8x4_128x128_relu_exp_medium_nhwc_tn_v1",
+    "sm90_xmma_fprop_implicit_gemm_indexed_Int8_nhwc_tilesize64x64x64",
+    "cutlass_tensorop_i8816fprop_optimized_s8_128x128_64x2_nhwc_align16",
+]
+
+
+@pytest.mark.parametrize("tactic", INT8_TACTICS)
+def test_int8_tactic_names_count_as_int8_whatever_the_tensor_formats_say(tactic):
+    from tasks.gpu.build import layer_precisions
+
+    for tensors in ([{"Format/Datatype": "N/A due to dynamic shapes"}], [{"Format/Datatype": "Row major linear FP32"}]):
+        info = {"Layers": [{"Name": "conv1 + relu1", "TacticName": tactic, "Inputs": tensors, "Outputs": tensors}]}
+        assert layer_precisions(info) == {"int8": 1}, (tactic, tensors)
+
+
+def test_float_tactic_names_never_count_as_int8():
+    from tasks.gpu.build import layer_precisions
+
+    info = {"Layers": [
+        {"Name": "a", "TacticName": "sm90_xmma_fprop_implicit_gemm_f32f32_f32f32_f32_nchwkcrs_nchw_tilesize32x32x8_"
+                                    "stage3_warpsize1x2x1_g1_ffma_aligna4_alignc4"},
+        {"Name": "b", "TacticName": "sm80_xmma_fprop_implicit_gemm_f16f16_f16f16_f16_nhwckrsc_nhwc_tilesize64x64x64_"
+                                    "stage4_warpsize2x2x1_g1_tensor16x8x16_aligna8"},
+        {"Name": "c", "TacticName": "sm86_xmma_gemm_f16f16_f16f32_f32_nn_n_tilesize128x128x32_hmma"}]}
+    assert layer_precisions(info) == {"fp32": 1, "fp16": 2}
+
+
+def test_a_layer_named_int8_or_writing_int8_is_int8_and_unknown_layers_name_their_tactic():
+    from tasks.gpu.build import layer_precisions, unknown_layers
+
+    info = {"Layers": [
+        {"Name": "images_int8_quantize", "TacticName": "0x0000000000000000"},
+        {"Name": "reformat", "LayerType": "Reformat", "TacticName": "0x00000000000003ea",
+         "Inputs": [{"Format/Datatype": "Row major linear FP32"}],
+         "Outputs": [{"Format/Datatype": "Four wide channel vectorized row major Int8 format"}]},
+        {"Name": "shuffle", "LayerType": "NoOp", "TacticName": "0x0000000000000000",
+         "Inputs": [{"Format/Datatype": "N/A due to dynamic shapes"}]}]}
+    assert layer_precisions(info) == {"int8": 2, "unknown": 1}
+    assert unknown_layers(info) == [{"name": "shuffle", "type": "NoOp", "tactic": "0x0000000000000000"}]
