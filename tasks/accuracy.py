@@ -20,8 +20,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import ModelError
 from tasks.metrics import GateResult, OutputMetrics, compare_outputs, gate
@@ -446,45 +444,3 @@ def ort_latency(model_path: Path, inputs: Union[Mapping[str, Any], EvalSet], ite
             "batch": batch, "iterations": len(times), "warmup": warmup, "provider": "CPUExecutionProvider",
             "threads": threads or os.cpu_count(), "onnxruntime": ort.__version__,
             "shapes": {n: list(a.shape) for n, a in feeds.items()}}
-
-
-# ---- Prefect wrappers ---------------------------------------------------------------------------
-@task(name="eval-inputs", cache_policy=NO_CACHE)
-def eval_inputs_task(local_package: LocalPackage, spec: ModelSpec, model_path: Optional[Path] = None,
-                     profiles: Optional[List[ResolvedProfile]] = None, out_path: Optional[Path] = None) -> EvalSet:
-    """Prefect task around ``eval_inputs``; says when inputs are synthetic."""
-    result = eval_inputs(local_package, spec, model_path, profiles, out_path)
-    logger = get_run_logger()
-    if result.synthetic:
-        logger.warning("No eval data in the package's %s/ folder: accuracy is measured on %d seeded synthetic "
-                       "sample(s) (seed %s), which shows numerical agreement, not task accuracy.",
-                       spec.eval.data, result.samples, result.seed)
-    else:
-        logger.info("Eval inputs: %d sample(s) in %d call(s) from %s", result.samples, result.calls, result.source)
-    return result
-
-
-@task(name="reference-outputs", cache_policy=NO_CACHE)
-def reference_outputs_task(model_path: Path, eval_set: EvalSet, out_path: Optional[Path] = None) -> Path:
-    """Prefect task around ``reference_outputs``."""
-    path = reference_outputs(model_path, eval_set, out_path)
-    get_run_logger().info("ONNX Runtime reference outputs for %d call(s): %s", eval_set.calls, path.name)
-    return path
-
-
-@task(name="check-accuracy", cache_policy=NO_CACHE)
-def check_accuracy_task(reference_npz: Path, actual_npz: Path, tolerance: Any, precision: str = "") -> GateResult:
-    """Prefect task around ``check_accuracy``."""
-    result = check_accuracy(reference_npz, actual_npz, tolerance)
-    logger = get_run_logger()
-    (logger.info if result else logger.warning)("accuracy %s %s", precision, result.summary())
-    return result
-
-
-@task(name="ort-latency", cache_policy=NO_CACHE)
-def ort_latency_task(model_path: Path, inputs: Union[Mapping[str, Any], EvalSet], iterations: int = 20,
-                     warmup: int = 3) -> Dict[str, Any]:
-    """Prefect task around ``ort_latency``."""
-    result = ort_latency(model_path, inputs, iterations, warmup)
-    get_run_logger().info("ONNX Runtime CPU p50 %.2f ms at batch %d", result["p50_ms"], result["batch"])
-    return result

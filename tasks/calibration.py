@@ -592,39 +592,3 @@ class CalibrationReader(_reader_base()):  # type: ignore[misc]
     def set_range(self, start_index: int, end_index: int) -> None:
         self._start, self._end = max(0, start_index), min(len(self._batches), end_index)
         self._pos = 0
-
-
-# ---- Prefect --------------------------------------------------------------------------------------
-def _retry_condition(task_obj, task_run, state) -> bool:
-    """Prefect retry condition: InfraErrors (and surprises) are retried, ModelErrors never."""
-    from tasks.errors import is_retriable
-
-    try:
-        state.result()
-    except BaseException as exc:  # noqa: BLE001 - the state's own exception, classified below
-        return is_retriable(exc)
-    return False
-
-
-def prefect_task(**options):
-    """Prefect's ``@task(**options)``; where Prefect is not installed (the TensorRT interpreter, which
-    runs the GPU tests' calibration and quantisation) the plain function, so the pure stage still imports."""
-    def wrap(fn):
-        try:
-            from prefect import task
-            from prefect.cache_policies import NO_CACHE
-        except ImportError:
-            return fn
-        # NO_CACHE: results name files in a work folder that a later run may not have
-        return task(retry_condition_fn=_retry_condition, cache_policy=NO_CACHE, **options)(fn)
-    return wrap
-
-
-@prefect_task(name="calibration-batches", retries=1, retry_delay_seconds=[5])
-def calibration_batches_task(folder: Optional[str], spec: ModelSpec, inputs: List[dict], out_dir: str,
-                             profiles: Optional[List[dict]] = None) -> dict:
-    """Load the calibration data and write the calibrator's batches; returns paths and a small record."""
-    data = load_calibration_data(Path(folder) if folder else None, spec, inputs, profiles=profiles)
-    size = calibration_batch_size(spec, profiles)
-    paths = calibration_batches(data, size, Path(out_dir), profiles=profiles)
-    return {"batches": [str(p) for p in paths], "batch_size": size, **data.record()}

@@ -61,3 +61,14 @@ def is_retriable(exc: BaseException) -> bool:
     if isinstance(exc, TrtflowError):
         return exc.retriable
     return True
+
+
+def retry_condition(task: object, task_run: object, state: object) -> bool:
+    """The one retry predicate, in the shape of Prefect's ``retry_condition_fn``: retry what
+    ``is_retriable`` says (InfraErrors, surprises), never a ModelError. Duck-typed on the state, so
+    this module stays free of Prefect (the GPU interpreter imports it)."""
+    try:
+        exc = state.result(raise_on_failure=False)  # type: ignore[attr-defined]
+    except Exception as err:  # noqa: BLE001 - the state may hold no retrievable result; judge what was raised
+        exc = err
+    return is_retriable(exc) if isinstance(exc, BaseException) else True

@@ -66,7 +66,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tasks.calibration import CalibrationData, CalibrationReader, inputs_from_onnx, prefect_task
+from tasks.calibration import CalibrationData, CalibrationReader, inputs_from_onnx
 from tasks.errors import InfraError, ModelError
 from tasks.gpu.compat import Caps, caps_for_version, modelopt_qdq_readable, qdq_backend
 from tasks.package import qdq_key
@@ -783,31 +783,3 @@ def store_cached_qdq(storage: Storage, key: str, path: Union[str, Path], result:
     if Path(result.out_path) != Path(path):
         result = QuantizeResult.from_dict({**result.to_dict(), "out_path": str(path)})
     return QdqCache(storage, key).put(result)
-
-
-# ---- Prefect --------------------------------------------------------------------------------------
-@prefect_task(name="qdq-model", retries=1, retry_delay_seconds=[10])
-def qdq_model_task(model_path: str, calibration_dir: Optional[str], spec: ModelSpec, inputs: List[dict],
-                   out_path: str, storage_uri: Optional[str] = None, name: Optional[str] = None,
-                   model_sha: Optional[str] = None, profiles: Optional[List[dict]] = None,
-                   tensorrt: Optional[str] = None) -> dict:
-    """Load calibration data, reuse or make the Q/DQ model (cached in the bucket when ``storage_uri``,
-    ``name`` and ``model_sha`` are given) and return its small record."""
-    from tasks.calibration import load_calibration_data
-    from tasks.storage import open_storage
-
-    data = load_calibration_data(Path(calibration_dir) if calibration_dir else None, spec, inputs, profiles=profiles)
-    cache = None
-    if storage_uri and name and model_sha:
-        cache = qdq_cache(open_storage(storage_uri), name, model_sha, data.sha256, spec.calibration.method,
-                          quantize_recipe(spec, tensorrt))
-        hit = cache.get(out_path)
-        if hit is not None:
-            assert_qdq_structure(out_path)
-            return {**hit.to_dict(), "reused": True, "key": cache.key}
-    result = qdq_model_from_calibration(model_path, data, spec, out_path, tensorrt=tensorrt)
-    record = {**result.to_dict(), "reused": False}
-    if cache is not None:
-        cache.put(result)
-        record["key"] = cache.key
-    return record

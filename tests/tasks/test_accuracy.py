@@ -207,21 +207,3 @@ def test_ort_latency_from_a_profile_an_eval_set_or_arrays(tmp_path):
 
 
 # ---- Prefect wrappers -------------------------------------------------------------------------------
-def test_tasks_compose_in_a_flow(prefect_harness, tmp_path):
-    from prefect import flow
-
-    from tasks.accuracy import check_accuracy_task, eval_inputs_task, ort_latency_task, reference_outputs_task
-
-    pkg = _package(tmp_path, models.small_cnn())
-    spec = ModelSpec()
-
-    @flow
-    def accuracy_flow():
-        es = eval_inputs_task(pkg, spec)
-        ref = reference_outputs_task(pkg.model_path, es)
-        result = check_accuracy_task(ref, ref, spec.tolerance("int8"), "int8")
-        latency = ort_latency_task(pkg.model_path, es, iterations=2, warmup=0)
-        return es, result, latency
-
-    es, result, latency = accuracy_flow()
-    assert es.synthetic and result.passed and latency["batch"] == 8

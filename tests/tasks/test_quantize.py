@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tasks.calibration import CalibrationData, load_calibration_data
 from tasks.errors import InfraError, ModelError
 from tasks.quantize import (ORT_DEFAULT, PLACEMENT, QdqCache, check_qdq_structure, choose_backend, fetch_cached_qdq,
-                            plan_placement, qdq_cache, qdq_cache_key, qdq_model_from_calibration, qdq_model_task,
+                            plan_placement, qdq_cache, qdq_cache_key, qdq_model_from_calibration,
                             quantize_recipe, stats_path_for, store_cached_qdq)
 from tasks.spec import parse_spec
 from tests.models import save, small_cnn, two_input_model
@@ -431,14 +431,3 @@ def test_an_entry_without_statistics_is_not_a_hit(tmp_path, local_bucket):
     cache = QdqCache(local_bucket, "_trtflow/qdq/m/half.onnx")
     local_bucket.write_bytes(cache.key, b"model written, statistics not yet")
     assert cache.get(tmp_path / "m.onnx") is None
-
-
-def test_task_makes_then_reuses_through_the_bucket(trained, tmp_path, local_bucket):
-    path, _, _, calib = trained
-    inputs = [{"name": "images", "elem_type": 1, "shape": ["N", 3, 16, 16]}]
-    kwargs = dict(model_path=str(path), calibration_dir=str(calib), spec=spec(), inputs=inputs,
-                  storage_uri=local_bucket.uri, name="bars", model_sha="a" * 64)
-    first = qdq_model_task.fn(out_path=str(tmp_path / "1.onnx"), **kwargs)
-    second = qdq_model_task.fn(out_path=str(tmp_path / "2.onnx"), **kwargs)
-    assert first["reused"] is False and second["reused"] is True and first["key"] == second["key"]
-    assert second["out_path"] == str(tmp_path / "2.onnx") and check_qdq_structure(second["out_path"]) == []

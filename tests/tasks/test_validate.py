@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tasks.errors import ModelError
-from tasks.spec import ModelSpec, parse_spec
+from tasks.spec import parse_spec
 from tasks.gpu.compat import PARSER_SUPPORT, caps_for_version, parser_support
 from tasks.validate import ValidationReport, validate_model
 from tests import models
