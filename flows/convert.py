@@ -26,7 +26,7 @@ from prefect.logging import get_run_logger
 
 from flows.params import ConvertRequest
 from tasks import accuracy, engine as engine_stage, publish
-from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable
+from tasks.errors import InfraError, ModelError, TrtflowError, retry_condition
 from tasks.gpu_client import GpuEnv, probe_gpu
 from tasks.metrics import gate as accuracy_gate
 from tasks.package import LocalPackage, ModelPackage, fetch_package, open_model
@@ -34,16 +34,7 @@ from tasks.spec import ModelSpec, load_spec
 from tasks.validate import validate_model
 
 
-def retry_infra_only(task, task_run, state) -> bool:
-    """Prefect retry condition: retry InfraErrors (and surprises), never ModelErrors."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception as err:  # the state may hold no retrievable result; judge by what was raised
-        exc = err
-    return is_retriable(exc) if isinstance(exc, BaseException) else True
-
-
-STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_infra_only)
+STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_condition)
 
 
 @task(name="fetch-model", retries=3, retry_delay_seconds=[2, 10, 30], **STAGE)
