@@ -156,6 +156,11 @@ PARSER_SUPPORT: Dict[str, ParserSupport] = {
 }
 
 
+# The newest IR every parser in the table reads (8.6's): graphs trtflow writes for any target (Q/DQ,
+# FP16) keep it where their opset allows, so one graph serves every TensorRT.
+PORTABLE_MAX_IR = min(row.max_ir for row in PARSER_SUPPORT.values())
+
+
 def parser_support(version: str) -> Tuple[ParserSupport, str]:
     """The PARSER_SUPPORT row for ``version`` ("8.6.1.6", "10.3", "11"), most specific first.
 
