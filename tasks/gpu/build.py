@@ -358,18 +358,7 @@ def _build_failure(logger: Any, what: str) -> Exception:
                       details=errors[-10:])
 
 
-def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -> BuildResult:
-    """Build one engine as ``request`` says (see tasks/gpu/__main__.py) and deserialize it.
-
-    Raises:
-        ModelError: parser errors (one detail per error, with the ONNX node), impossible precision
-            plans, bad profiles or calibration batches, a build TensorRT refuses.
-        InfraError: no TensorRT/CUDA, CUDA out of memory or other CUDA errors, missing files.
-    """
-    trt = trt or import_tensorrt()
-    verbose = bool(request.get("verbose"))
-    logger = logger or make_logger(trt, verbose)
-    caps = compat.caps_from_module(trt)
+def _plan(caps: compat.Caps, request: Dict[str, Any]) -> compat.BuildPlan:
     precision = str(request.get("precision") or "fp32")
     plan = compat.plan_build(caps, precision, request.get("int8_mode"), request.get("graph_precision") or "fp32")
     for note in plan.notes:
@@ -380,16 +369,12 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
                          fix="Convert the model to FP16 first (NVIDIA ModelOpt AutoCast, or trtflow's FP16 conversion) "
                              "and send it with graph_precision: fp16.")
     log.info("TensorRT %s: %s", caps.version, compat.describe_plan(plan))
+    return plan
 
-    onnx_path = Path(str(request["onnx_path"]))
-    if not onnx_path.is_file():
-        raise InfraError(f"the ONNX model {onnx_path} is not on the GPU worker.",
-                         fix="The flow must download the model package before the engine step; retry.")
-    out_dir = Path(str(request["out_dir"]))
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    started = time.monotonic()
-    builder = create_builder(trt, logger)
+def _parse(trt: Any, builder: Any, logger: Any, caps: compat.Caps, plan: compat.BuildPlan,
+           onnx_path: Path) -> Tuple[Any, Any]:
+    """(network, parser): the parser must live as long as the network it filled."""
     network = builder.create_network(compat.network_flags_value(trt, plan.network_flags))
     parser = trt.OnnxParser(network, logger)
     # parse_from_file (not parse(bytes)) so weights in external data files resolve beside the model.
@@ -406,8 +391,11 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
                              "version (onnx-tensorrt's operators.md); replace or remove unsupported ops, or export "
                              "with an older opset.",
                          details=[_describe_parser_error(e) for e in errors] or list(logger.errors))
-    parse_seconds = time.monotonic() - started
+    return network, parser
 
+
+def _network_profiles(network: Any, request: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], bool]:
+    """(inputs, resolved profiles, whether any input is dynamic)."""
     inputs = _tensor_inputs(network)
     shape_tensors = [i["name"] for i in inputs if i["is_shape_tensor"]]
     if shape_tensors:
@@ -415,8 +403,12 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
                          fix="Export the model with those values as constants or ordinary tensors.")
     profiles = resolve_profiles(inputs, request.get("profiles") or [],
                                 int(request.get("default_opt_batch") or 8), int(request.get("default_max_batch") or 32))
-    dynamic = any(d < 0 for i in inputs for d in i["shape"])
+    return inputs, profiles, any(d < 0 for i in inputs for d in i["shape"])
 
+
+def _configure(trt: Any, builder: Any, logger: Any, caps: compat.Caps, plan: compat.BuildPlan,
+               request: Dict[str, Any], profiles: List[Dict[str, Any]], dynamic: bool) -> Tuple[Any, List[str], List[Any]]:
+    """(builder config, builder flags set, TensorRT optimisation profiles added)."""
     config = builder.create_builder_config()
     compat.set_workspace(trt, config, caps, request.get("workspace_mib"))
     compat.set_optimization_level(config, caps, request.get("optimization_level"))
@@ -427,7 +419,6 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
     if hasattr(trt, "ProfilingVerbosity"):
         # DETAILED makes the inspector report each layer's tensors and formats (hence its precision).
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-
     trt_profiles = []
     if dynamic:
         for index, profile in enumerate(profiles):
@@ -437,62 +428,98 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
             if config.add_optimization_profile(p) < 0:
                 raise _build_failure(logger, f"adding optimisation profile {index} ({profile})")
             trt_profiles.append(p)
+    return config, flags, trt_profiles
 
-    cache_loaded = _load_timing_cache(config, request.get("timing_cache_in"))
 
-    calibrator = None
-    if plan.use_calibrator:
-        from tasks.gpu.calibrator import make_calibrator
+def _attach_calibrator(trt: Any, config: Any, request: Dict[str, Any], inputs: List[Dict[str, Any]],
+                       profiles: List[Dict[str, Any]], trt_profiles: List[Any]) -> Any:
+    from tasks.gpu.calibrator import make_calibrator
 
-        calibration = request.get("calibration") or {}
-        input_dtypes = {i["name"]: _np_dtype(trt, i["dtype"]) for i in inputs}
-        calibrator = make_calibrator(trt, calibration, profiles[0], input_dtypes)
-        config.int8_calibrator = calibrator
-        if trt_profiles:
-            config.set_calibration_profile(trt_profiles[0])
+    input_dtypes = {i["name"]: _np_dtype(trt, i["dtype"]) for i in inputs}
+    calibrator = make_calibrator(trt, request.get("calibration") or {}, profiles[0], input_dtypes)
+    config.int8_calibrator = calibrator
+    if trt_profiles:
+        config.set_calibration_profile(trt_profiles[0])
+    return calibrator
 
-    log.info("building %s engine of %s (profiles %s)", precision, onnx_path.name, profiles)
-    t0 = time.monotonic()
-    serialized = builder.build_serialized_network(network, config)
-    build_seconds = time.monotonic() - t0
-    if calibrator is not None and calibrator.error is not None:
-        raise calibrator.error
-    if serialized is None:
-        raise _build_failure(logger, f"building the {precision} engine")
-    log.info("built in %.1f s", build_seconds)
 
-    plan_path = out_dir / "model.plan"
-    view = memoryview(serialized)
-    nbytes = _write_atomic(plan_path, view)
-    sha = hashlib.sha256(view).hexdigest()
+def _inspect_layers(trt: Any, engine: Any, caps: compat.Caps, profiles: List[Dict[str, Any]],
+                    out_dir: Path) -> Dict[str, Any]:
+    """layers.json beside the plan and the response's ``layers``: counts by precision, unknown layers."""
+    opt = {n: r["opt"] for n, r in (profiles[0] if profiles else {}).items()}
+    info = compat.engine_information_json(trt, engine, caps, opt)
+    if not info:
+        return {"path": None, "precisions": {}, "count": 0, "unknown": []}
+    try:
+        # TensorRT 8.6 writes raw control characters (ONNX layer metadata separators) inside
+        # strings; parse leniently and store strict JSON so that any reader can load it.
+        info = json.dumps(json.loads(info, strict=False), indent=1)
+    except ValueError:
+        pass
+    layers_path = out_dir / "layers.json"
+    layers_path.write_text(info)
+    precisions = layer_precisions(info)
+    return {"path": str(layers_path), "precisions": precisions, "count": sum(precisions.values()),
+            "unknown": unknown_layers(info)}
 
-    cache_saved = 0
-    if request.get("timing_cache_out"):
-        cache_saved = _write_atomic(Path(str(request["timing_cache_out"])), config.get_timing_cache().serialize())
-        log.info("timing cache: loaded %d bytes, saved %d bytes", cache_loaded, cache_saved)
 
+def _deserialize(trt: Any, logger: Any, request: Dict[str, Any], view: Any) -> Tuple[Any, Any]:
     runtime = trt.Runtime(logger)
     if request.get("version_compatible") and hasattr(runtime, "engine_host_code_allowed"):
         runtime.engine_host_code_allowed = True  # version-compatible plans embed the lean runtime
     engine = runtime.deserialize_cuda_engine(view)
     if engine is None:
         raise _build_failure(logger, "deserializing the engine just built")
-    del serialized, view, trt_profiles, parser, network, config, builder  # free builder memory before eval/bench
+    return runtime, engine
 
-    layers_path, precisions, layer_count, unknown = None, {}, 0, []
-    info = compat.engine_information_json(trt, engine, caps, {n: r["opt"] for n, r in (profiles[0] if profiles else {}).items()})
-    if info:
-        layers_path = out_dir / "layers.json"
-        try:
-            # TensorRT 8.6 writes raw control characters (ONNX layer metadata separators) inside
-            # strings; parse leniently and store strict JSON so that any reader can load it.
-            info = json.dumps(json.loads(info, strict=False), indent=1)
-        except ValueError:
-            pass
-        layers_path.write_text(info)
-        precisions = layer_precisions(info)
-        unknown = unknown_layers(info)
-        layer_count = sum(precisions.values())
+
+def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -> BuildResult:
+    """Build one engine as ``request`` says (see tasks/gpu/__main__.py) and deserialize it.
+
+    Raises:
+        ModelError: parser errors (one detail per error, with the ONNX node), impossible precision
+            plans, bad profiles or calibration batches, a build TensorRT refuses.
+        InfraError: no TensorRT/CUDA, CUDA out of memory or other CUDA errors, missing files.
+    """
+    trt = trt or import_tensorrt()
+    logger = logger or make_logger(trt, bool(request.get("verbose")))
+    caps = compat.caps_from_module(trt)
+    plan = _plan(caps, request)
+    onnx_path = Path(str(request["onnx_path"]))
+    if not onnx_path.is_file():
+        raise InfraError(f"the ONNX model {onnx_path} is not on the GPU worker.",
+                         fix="The flow must download the model package before the engine step; retry.")
+    out_dir = Path(str(request["out_dir"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.monotonic()
+    builder = create_builder(trt, logger)
+    network, parser = _parse(trt, builder, logger, caps, plan, onnx_path)
+    parse_seconds = time.monotonic() - started
+    inputs, profiles, dynamic = _network_profiles(network, request)
+    config, flags, trt_profiles = _configure(trt, builder, logger, caps, plan, request, profiles, dynamic)
+    cache_loaded = _load_timing_cache(config, request.get("timing_cache_in"))
+    calibrator = _attach_calibrator(trt, config, request, inputs, profiles, trt_profiles) if plan.use_calibrator else None
+
+    log.info("building %s engine of %s (profiles %s)", plan.precision, onnx_path.name, profiles)
+    t0 = time.monotonic()
+    serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.monotonic() - t0
+    if calibrator is not None and calibrator.error is not None:
+        raise calibrator.error
+    if serialized is None:
+        raise _build_failure(logger, f"building the {plan.precision} engine")
+    log.info("built in %.1f s", build_seconds)
+
+    plan_path = out_dir / "model.plan"
+    view = memoryview(serialized)
+    nbytes, sha = _write_atomic(plan_path, view), hashlib.sha256(view).hexdigest()
+    cache_saved = 0
+    if request.get("timing_cache_out"):
+        cache_saved = _write_atomic(Path(str(request["timing_cache_out"])), config.get_timing_cache().serialize())
+        log.info("timing cache: loaded %d bytes, saved %d bytes", cache_loaded, cache_saved)
+    runtime, engine = _deserialize(trt, logger, request, view)
+    del serialized, view, trt_profiles, parser, network, config, builder  # free builder memory before eval/bench
 
     response: Dict[str, Any] = {
         "engine": {"path": str(plan_path), "bytes": nbytes, "sha256": sha, "build_seconds": round(build_seconds, 3),
@@ -500,8 +527,7 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
                    "builder_flags": flags, "network_flags": list(plan.network_flags), "profiles": profiles,
                    "plan": plan.to_dict(), "io": engine_io(trt, engine)},
         "timing_cache": {"loaded_bytes": cache_loaded, "saved_bytes": cache_saved},
-        "layers": {"path": str(layers_path) if layers_path else None, "precisions": precisions, "count": layer_count,
-                   "unknown": unknown},
+        "layers": _inspect_layers(trt, engine, caps, profiles, out_dir),
         "calibration": calibrator.summary() if calibrator is not None else None,
     }
     return BuildResult(response=response, engine=engine, runtime=runtime, plan=plan, profiles=profiles)
