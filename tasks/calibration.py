@@ -298,6 +298,83 @@ def _data_files(folder: Path) -> List[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def _npy_samples(raw: bytes, source: str, spec: ModelSpec, infos: Dict[str, InputInfo],
+                 stem: str) -> Dict[str, np.ndarray]:
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError as err:
+        raise ModelError(f"{source} is not a readable .npy array: {err}",
+                         fix="Write it with numpy.save (no object arrays).") from None
+    info = _resolve_single_input(spec, infos, source, stem)
+    return {info.name: _conform(info, array, source)}
+
+
+def _npz_samples(raw: bytes, source: str, infos: Dict[str, InputInfo]) -> Dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except ValueError as err:
+        raise ModelError(f"{source} is not a readable .npz archive: {err}",
+                         fix="Write it with numpy.savez(path, **{input_name: array}).") from None
+    unknown = sorted(set(arrays) - set(infos))
+    if unknown:
+        raise ModelError(f"{source} has arrays {', '.join(unknown)}, which the model has no inputs called.",
+                         fix=f"Key the arrays by the model's input names: {', '.join(infos)}.")
+    missing = sorted(set(infos) - set(arrays))
+    if missing:
+        raise ModelError(f"{source} lacks arrays for input(s) {', '.join(missing)}.",
+                         fix="Every .npz file must hold one array per model input, with equal sample counts.")
+    conformed = {k: _conform(infos[k], v, source) for k, v in arrays.items()}
+    sizes = {k: v.shape[0] for k, v in conformed.items()}
+    if len(set(sizes.values())) != 1:
+        raise ModelError(f"{source} has different sample counts per input: {sizes}.",
+                         fix="Give every input the same number of samples in each file.")
+    return conformed
+
+
+def _image_samples(raw: bytes, source: str, spec: ModelSpec, infos: Dict[str, InputInfo],
+                   opt: Dict[str, List[int]], geometry: List[Any]) -> Dict[str, np.ndarray]:
+    """One preprocessed image as a batch of one; ``geometry`` caches (size, channels) across images."""
+    cal = spec.calibration
+    info = _resolve_single_input(spec, infos, source, None) if (cal.input or len(infos) == 1) else None
+    if info is None:
+        raise ModelError(f"{source} is an image, but the model has several inputs ({', '.join(infos)}) and "
+                         f"calibration.input does not say which one images feed.",
+                         fix="Set calibration.input to the image input; other inputs need .npz files.")
+    if not geometry:
+        geometry.append(_image_geometry(info, cal.preprocess, opt.get(info.name)))
+    size, channels = geometry[0]
+    try:
+        sample = preprocess_image(io.BytesIO(raw), cal.preprocess, size=size, channels=channels)
+    except ModelError:
+        raise
+    except Exception as err:  # Pillow raises several types for unreadable images
+        raise ModelError(f"{source} cannot be read as an image: {err}",
+                         fix="Replace or remove the file.") from None
+    return {info.name: _conform(info, sample[None], source + " (after calibration.preprocess)")}
+
+
+def _joined_samples(parts: Dict[str, List[np.ndarray]], limit: int) -> Dict[str, np.ndarray]:
+    """Each input's samples in one array (at most ``limit``); every input the same count."""
+    missing = [n for n, p in parts.items() if sum(a.shape[0] for a in p) == 0]
+    if missing:
+        raise ModelError(f"the calibration data has no samples for input(s) {', '.join(missing)}.",
+                         fix="Add .npy files named after those inputs or .npz files holding every input.")
+    arrays: Dict[str, np.ndarray] = {}
+    for name, pieces in parts.items():
+        shapes = {tuple(p.shape[1:]) for p in pieces}
+        if len(shapes) > 1:
+            raise ModelError(f"calibration samples of input {name!r} have different shapes: "
+                             f"{sorted(list(s) for s in shapes)}.",
+                             fix="Give all samples of an input one shape (the calibration profile's opt shape).")
+        arrays[name] = np.concatenate(pieces, axis=0)[:limit]
+    sizes = {k: int(v.shape[0]) for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1:
+        raise ModelError(f"the calibration data has different sample counts per input: {sizes}.",
+                         fix="Give every input the same number of samples.")
+    return arrays
+
+
 def load_calibration_data(folder: Optional[Path], spec: ModelSpec, inputs: Iterable[Any],
                           profiles: Optional[Sequence[Mapping[str, Any]]] = None) -> CalibrationData:
     """Calibration samples for every input of the model, from ``folder`` (or synthetic when allowed).
@@ -332,7 +409,7 @@ def load_calibration_data(folder: Optional[Path], spec: ModelSpec, inputs: Itera
     digest = hashlib.sha256()
     used: List[str] = []
     used_images = False
-    image_geometry = None
+    geometry: List[Any] = []  # the image size/channels, worked out once from the first image
 
     for path in files:
         if all(counts[n] >= limit for n in infos):
@@ -344,75 +421,17 @@ def load_calibration_data(folder: Optional[Path], spec: ModelSpec, inputs: Itera
         suffix = path.suffix.lower()
         source = f"calibration file {rel}"
         if suffix == ".npy":
-            try:
-                array = np.load(io.BytesIO(raw), allow_pickle=False)
-            except ValueError as err:
-                raise ModelError(f"{source} is not a readable .npy array: {err}",
-                                 fix="Write it with numpy.save (no object arrays).") from None
-            info = _resolve_single_input(spec, infos, source, path.stem)
-            array = _conform(info, array, source)
-            parts[info.name].append(array)
-            counts[info.name] += array.shape[0]
+            got = _npy_samples(raw, source, spec, infos, path.stem)
         elif suffix == ".npz":
-            try:
-                with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in z.files}
-            except ValueError as err:
-                raise ModelError(f"{source} is not a readable .npz archive: {err}",
-                                 fix="Write it with numpy.savez(path, **{input_name: array}).") from None
-            unknown = sorted(set(arrays) - set(infos))
-            if unknown:
-                raise ModelError(f"{source} has arrays {', '.join(unknown)}, which the model has no inputs called.",
-                                 fix=f"Key the arrays by the model's input names: {', '.join(infos)}.")
-            missing = sorted(set(infos) - set(arrays))
-            if missing:
-                raise ModelError(f"{source} lacks arrays for input(s) {', '.join(missing)}.",
-                                 fix="Every .npz file must hold one array per model input, with equal sample counts.")
-            conformed = {k: _conform(infos[k], v, source) for k, v in arrays.items()}
-            sizes = {k: v.shape[0] for k, v in conformed.items()}
-            if len(set(sizes.values())) != 1:
-                raise ModelError(f"{source} has different sample counts per input: {sizes}.",
-                                 fix="Give every input the same number of samples in each file.")
-            for k, v in conformed.items():
-                parts[k].append(v)
-                counts[k] += v.shape[0]
+            got = _npz_samples(raw, source, infos)
         else:
-            info = _resolve_single_input(spec, infos, source, None) if (cal.input or len(infos) == 1) else None
-            if info is None:
-                raise ModelError(f"{source} is an image, but the model has several inputs ({', '.join(infos)}) and "
-                                 f"calibration.input does not say which one images feed.",
-                                 fix="Set calibration.input to the image input; other inputs need .npz files.")
-            if image_geometry is None:
-                image_geometry = _image_geometry(info, cal.preprocess, opt.get(info.name))
-            size, channels = image_geometry
-            try:
-                sample = preprocess_image(io.BytesIO(raw), cal.preprocess, size=size, channels=channels)
-            except ModelError:
-                raise
-            except Exception as err:  # Pillow raises several types for unreadable images
-                raise ModelError(f"{source} cannot be read as an image: {err}",
-                                 fix="Replace or remove the file.") from None
-            array = _conform(info, sample[None], source + " (after calibration.preprocess)")
-            parts[info.name].append(array)
-            counts[info.name] += 1
+            got = _image_samples(raw, source, spec, infos, opt, geometry)
             used_images = True
+        for name, array in got.items():
+            parts[name].append(array)
+            counts[name] += array.shape[0]
 
-    missing = [n for n in infos if counts[n] == 0]
-    if missing:
-        raise ModelError(f"the calibration data has no samples for input(s) {', '.join(missing)}.",
-                         fix="Add .npy files named after those inputs or .npz files holding every input.")
-    arrays: Dict[str, np.ndarray] = {}
-    for name in infos:
-        shapes = {tuple(p.shape[1:]) for p in parts[name]}
-        if len(shapes) > 1:
-            raise ModelError(f"calibration samples of input {name!r} have different shapes: "
-                             f"{sorted(list(s) for s in shapes)}.",
-                             fix="Give all samples of an input one shape (the calibration profile's opt shape).")
-        arrays[name] = np.concatenate(parts[name], axis=0)[:limit]
-    sizes = {k: int(v.shape[0]) for k, v in arrays.items()}
-    if len(set(sizes.values())) != 1:
-        raise ModelError(f"the calibration data has different sample counts per input: {sizes}.",
-                         fix="Give every input the same number of samples.")
+    arrays = _joined_samples(parts, limit)
 
     recipe = {"version": _RECIPE_VERSION, "max_samples": limit, "input": cal.input,
               "preprocess": cal.preprocess.model_dump(mode="json") if used_images else None,
