@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from tasks.errors import ModelError
+from tasks.gpu import compat
 from tasks.gpu_client import GpuEnv
 from tasks.package import LocalPackage
 from tasks.spec import ModelSpec
@@ -32,7 +33,7 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
             implicit calibrator on a TensorRT without it, a Q/DQ graph TensorRT would reject.
     """
     caps = env.caps or {}
-    if precision == "fp16" and caps and not caps.get("fp16_flag", True):
+    if precision == "fp16" and caps and compat.fp16_from_graph(compat.Caps.from_dict(caps)):
         # TensorRT 11 has no FP16 builder flag: FP16 must come from the graph itself.
         from tasks.fp16 import fp16_graph_from_onnx
 
@@ -43,7 +44,7 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
 
     from tasks import calibration, quantize
     mode = spec.calibration.mode
-    if mode == "calibrator" and caps and not caps.get("int8_calibrator", True):
+    if mode == "calibrator" and caps and not compat.calibrator_available(compat.Caps.from_dict(caps)):
         raise ModelError(f"calibration.mode 'calibrator' needs TensorRT's implicit INT8 calibrator, which TensorRT "
                          f"{env.tensorrt} no longer has.", fix="Use calibration.mode: qdq (explicit quantisation).")
     folder = package.data_dir(spec.calibration.data)
