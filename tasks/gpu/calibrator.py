@@ -74,6 +74,80 @@ def check_calibration_batches(paths: List[str], opt_shapes: Dict[str, List[int]]
                                  f"batch's buffer.", fix=fix)
 
 
+class CalibrationFeed:
+    """What the calibrator does, apart from TensorRT's base class: feeds .npz batches into device
+    buffers, reads and writes the cache, and keeps the first error (an exception must not cross
+    into TensorRT's C++). ``cuda`` is pycuda.driver (or a test double of it)."""
+
+    def __init__(self, cuda: Any, calibration: Dict[str, Any], opt_shapes: Dict[str, List[int]],
+                 input_dtypes: Dict[str, Any]) -> None:
+        self.cuda = cuda
+        self.batches = [str(b) for b in calibration.get("batches") or []]
+        self.cache_in = calibration.get("cache_in")
+        self.cache_out = calibration.get("cache_out")
+        self.has_cache = (bool(self.cache_in) and Path(str(self.cache_in)).is_file()
+                          and Path(str(self.cache_in)).stat().st_size > 0)
+        self.input_dtypes = input_dtypes
+        self.error: Optional[TrtflowError] = None
+        self.batches_used = 0
+        self.cache_read = False
+        self.cache_written = 0
+        self._next = 0
+        self._buffers: Dict[str, Any] = {}
+        for name, shape in opt_shapes.items():
+            nbytes = int(np.prod(shape)) * np.dtype(input_dtypes[name]).itemsize
+            self._buffers[name] = cuda.mem_alloc(max(nbytes, 1))
+
+    def next_batch(self, names: List[str]) -> Optional[List[int]]:
+        if self.error is not None or self._next >= len(self.batches):
+            return None
+        path = self.batches[self._next]
+        self._next += 1
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                pointers = []
+                for name in names:
+                    array = np.ascontiguousarray(data[name].astype(self.input_dtypes[name], copy=False))
+                    self.cuda.memcpy_htod(self._buffers[name], array)
+                    pointers.append(int(self._buffers[name]))
+        except Exception as err:  # noqa: BLE001 - an exception must not cross into TensorRT's C++
+            self.error = _as_error(err, path)
+            log.error("calibration batch %s failed: %s", path, err)
+            return None
+        self.batches_used += 1
+        log.info("calibration batch %d/%d", self.batches_used, len(self.batches))
+        return pointers
+
+    def read_cache(self) -> Optional[bytes]:
+        if not self.has_cache:
+            return None
+        self.cache_read = True
+        log.info("using calibration cache %s (calibration skipped)", self.cache_in)
+        return Path(str(self.cache_in)).read_bytes()
+
+    def write_cache(self, cache: Any) -> None:
+        if not self.cache_out:
+            return
+        try:
+            data = bytes(memoryview(cache))
+            Path(str(self.cache_out)).parent.mkdir(parents=True, exist_ok=True)
+            Path(str(self.cache_out)).write_bytes(data)
+            self.cache_written = len(data)
+        except Exception as err:  # noqa: BLE001 - see next_batch
+            self.error = InfraError(f"cannot write the calibration cache {self.cache_out}: {err}",
+                                    fix="Check the worker's disk space and permissions; retry.")
+
+    def summary(self) -> Dict[str, Any]:
+        cache_in, cache_out = self.cache_in, self.cache_out
+        reused = self.cache_read and self.batches_used == 0
+        if reused and cache_out and str(cache_out) != str(cache_in) and not self.cache_written:
+            # TensorRT does not write a cache it just read; keep cache_out the cache in use.
+            shutil.copyfile(str(cache_in), str(cache_out))
+        size = Path(str(cache_out)).stat().st_size if cache_out and Path(str(cache_out)).is_file() else 0
+        return {"cache_bytes": int(size), "reused": bool(reused), "batches": self.batches_used,
+                "cache_out": str(cache_out) if cache_out else None}
+
+
 def make_calibrator(trt: Any, calibration: Dict[str, Any], profile: Dict[str, Dict[str, List[int]]],
                     input_dtypes: Dict[str, Any]) -> Any:
     """An ``IInt8EntropyCalibrator2`` over ``calibration["batches"]`` at ``profile``'s opt shapes.
@@ -90,26 +164,20 @@ def make_calibrator(trt: Any, calibration: Dict[str, Any], profile: Dict[str, Di
     """
     import pycuda.driver as cuda
 
-    batches = [str(b) for b in calibration.get("batches") or []]
-    cache_in = calibration.get("cache_in")
-    cache_out = calibration.get("cache_out")
-    has_cache = bool(cache_in) and Path(str(cache_in)).is_file() and Path(str(cache_in)).stat().st_size > 0
     opt_shapes = {name: list(rng["opt"]) for name, rng in profile.items()}
-    if not has_cache:
-        check_calibration_batches(batches, opt_shapes)
+    feed_args = (cuda, calibration, opt_shapes, input_dtypes)
+    cache_in = calibration.get("cache_in")
+    if not (cache_in and Path(str(cache_in)).is_file() and Path(str(cache_in)).stat().st_size > 0):
+        check_calibration_batches([str(b) for b in calibration.get("batches") or []], opt_shapes)
 
     class _NpzEntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)  # without it the trampoline segfaults
-            self.error: Optional[TrtflowError] = None
-            self.batches_used = 0
-            self.cache_read = False
-            self.cache_written = 0
-            self._next = 0
-            self._buffers: Dict[str, Any] = {}
-            for name, shape in opt_shapes.items():
-                nbytes = int(np.prod(shape)) * np.dtype(input_dtypes[name]).itemsize
-                self._buffers[name] = cuda.mem_alloc(max(nbytes, 1))
+            self.feed = CalibrationFeed(*feed_args)
+
+        @property
+        def error(self) -> Optional[TrtflowError]:
+            return self.feed.error
 
         def get_batch_size(self) -> int:
             # Explicit-batch networks: the batch is part of the profile's opt shape, so TensorRT
@@ -117,52 +185,16 @@ def make_calibrator(trt: Any, calibration: Dict[str, Any], profile: Dict[str, Di
             return 1
 
         def get_batch(self, names: List[str]) -> Optional[List[int]]:
-            if self.error is not None or self._next >= len(batches):
-                return None
-            path = batches[self._next]
-            self._next += 1
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    pointers = []
-                    for name in names:
-                        array = np.ascontiguousarray(data[name].astype(input_dtypes[name], copy=False))
-                        cuda.memcpy_htod(self._buffers[name], array)
-                        pointers.append(int(self._buffers[name]))
-            except Exception as err:  # noqa: BLE001 - an exception must not cross into TensorRT's C++
-                self.error = _as_error(err, path)
-                log.error("calibration batch %s failed: %s", path, err)
-                return None
-            self.batches_used += 1
-            log.info("calibration batch %d/%d", self.batches_used, len(batches))
-            return pointers
+            return self.feed.next_batch(names)
 
         def read_calibration_cache(self) -> Optional[bytes]:
-            if has_cache:
-                self.cache_read = True
-                log.info("using calibration cache %s (calibration skipped)", cache_in)
-                return Path(str(cache_in)).read_bytes()
-            return None
+            return self.feed.read_cache()
 
         def write_calibration_cache(self, cache: Any) -> None:
-            if not cache_out:
-                return
-            try:
-                data = bytes(memoryview(cache))
-                Path(str(cache_out)).parent.mkdir(parents=True, exist_ok=True)
-                Path(str(cache_out)).write_bytes(data)
-                self.cache_written = len(data)
-            except Exception as err:  # noqa: BLE001 - see get_batch
-                self.error = InfraError(f"cannot write the calibration cache {cache_out}: {err}",
-                                        fix="Check the worker's disk space and permissions; retry.")
+            self.feed.write_cache(cache)
 
         def summary(self) -> Dict[str, Any]:
-            reused = self.cache_read and self.batches_used == 0
-            if reused and cache_out and str(cache_out) != str(cache_in) and not self.cache_written:
-                # TensorRT does not write a cache it just read; keep cache_out the cache in use.
-                shutil.copyfile(str(cache_in), str(cache_out))
-            size = Path(str(cache_out)).stat().st_size if cache_out and Path(str(cache_out)).is_file() else 0
-            return {"cache_bytes": int(size), "reused": bool(reused), "batches": self.batches_used,
-                    "cache_out": str(cache_out) if cache_out else None}
+            return self.feed.summary()
 
     return _NpzEntropyCalibrator()
 
