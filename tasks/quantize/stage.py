@@ -17,7 +17,7 @@ from tasks.gpu.compat import PORTABLE_MAX_IR
 from tasks.spec import ModelSpec
 from tasks.quantize.graph import MIN_IR_FOR_OPSET, MIN_OPSET, ORT_DEFAULT, PLACEMENT, _opset, has_qdq
 from tasks.quantize.result import QuantizeResult, quantize_recipe, stats_path_for
-from tasks.quantize.placement import _keep_float, plan_placement
+from tasks.quantize.placement import Placement, _keep_float, plan_placement
 from tasks.quantize.lint import assert_qdq_structure, qdq_summary
 from tasks.quantize.backends import _quantize_modelopt, _quantize_onnxruntime, choose_backend
 
@@ -70,6 +70,52 @@ def _prepare_model(model_path: Path, workdir: Path) -> Tuple[Path, onnx.ModelPro
         return path, model
 
 
+def _use_existing_qdq(model_path: Path, out_path: Path, data: CalibrationData, recipe: str,
+                      started: float) -> QuantizeResult:
+    """A model that already holds Q/DQ nodes (quantisation-aware training), copied after the check."""
+    shutil.copyfile(model_path, out_path)
+    assert_qdq_structure(out_path)
+    counts, quantized, stats = qdq_summary(out_path)
+    result = QuantizeResult(str(out_path), "existing", "existing", "existing", counts, quantized, [], [],
+                            data.sha256, data.synthetic, "the model already held Q/DQ nodes; used as they are",
+                            None, time.monotonic() - started, recipe)
+    _write_stats(result, stats, {})
+    return result
+
+
+def _write_qdq_model(model_path: Path, original: onnx.ModelProto, data: CalibrationData, spec: ModelSpec,
+                     out_path: Path, chosen: str, style: str) -> Tuple[Placement, Dict[str, dict]]:
+    """Place, calibrate with backend ``chosen`` and save the Q/DQ model; returns the placement and
+    the calibrated ranges."""
+    with tempfile.TemporaryDirectory(prefix="trtflow-qdq-") as tmp:
+        work = Path(tmp)
+        prepared_path, prepared = _prepare_model(model_path, work)
+        plan = plan_placement(prepared, spec.calibration.exclude_nodes,
+                              spec.calibration.exclude_op_types)
+        if not plan.weighted:
+            raise ModelError("the model has no Conv, ConvTranspose, Gemm or MatMul with constant weights left to "
+                             "quantise, so INT8 cannot speed it up.",
+                             fix="Drop int8 from precisions (or exclude fewer nodes).")
+        raw = work / "model.qdq.onnx"
+        if chosen == "modelopt":
+            ranges = _quantize_modelopt(prepared_path, data, spec, plan, raw, work)
+        else:
+            ranges = _quantize_onnxruntime(prepared_path, data, spec, plan, raw, work, style=style)
+        model = onnx.load(str(raw))
+        if style == PLACEMENT:
+            _keep_float(model, plan)
+        _restore_versions(model, original)
+        model.metadata_props.extend([
+            onnx.StringStringEntryProto(key="trtflow.qdq.placement", value=style),
+            onnx.StringStringEntryProto(key="trtflow.qdq.method", value=spec.calibration.method),
+            onnx.StringStringEntryProto(key="trtflow.calibration.sha256", value=data.sha256)])
+        assert_qdq_structure(model)
+        large = model.ByteSize() > 1_800_000_000
+        onnx.save(model, str(out_path), save_as_external_data=large,
+                  location=out_path.name + ".data" if large else None)
+    return plan, ranges
+
+
 def qdq_model_from_calibration(model_path: Union[str, Path], data: CalibrationData, spec: ModelSpec,
                                out_path: Union[str, Path], backend: Optional[str] = None, *,
                                placement: str = "tensorrt", tensorrt: Optional[str] = None) -> QuantizeResult:
@@ -100,14 +146,7 @@ def qdq_model_from_calibration(model_path: Union[str, Path], data: CalibrationDa
     recipe = quantize_recipe(spec, tensorrt)
 
     if has_qdq(original):
-        shutil.copyfile(model_path, out_path)
-        assert_qdq_structure(out_path)
-        counts, quantized, stats = qdq_summary(out_path)
-        result = QuantizeResult(str(out_path), "existing", "existing", "existing", counts, quantized, [], [],
-                                data.sha256, data.synthetic, "the model already held Q/DQ nodes; used as they are",
-                                None, time.monotonic() - started, recipe)
-        _write_stats(result, stats, {})
-        return result
+        return _use_existing_qdq(model_path, out_path, data, recipe, started)
 
     if placement not in ("tensorrt", ORT_DEFAULT):
         raise ValueError(f"placement must be 'tensorrt' or {ORT_DEFAULT!r}, not {placement!r}")
@@ -115,33 +154,7 @@ def qdq_model_from_calibration(model_path: Union[str, Path], data: CalibrationDa
     style = PLACEMENT if placement == "tensorrt" else ORT_DEFAULT
     if chosen == "modelopt":
         style = "modelopt"
-    with tempfile.TemporaryDirectory(prefix="trtflow-qdq-") as tmp:
-        work = Path(tmp)
-        prepared_path, prepared = _prepare_model(model_path, work)
-        plan = plan_placement(prepared, spec.calibration.exclude_nodes,
-                              spec.calibration.exclude_op_types)
-        if not plan.weighted:
-            raise ModelError("the model has no Conv, ConvTranspose, Gemm or MatMul with constant weights left to "
-                             "quantise, so INT8 cannot speed it up.",
-                             fix="Drop int8 from precisions (or exclude fewer nodes).")
-        raw = work / "model.qdq.onnx"
-        if chosen == "modelopt":
-            ranges = _quantize_modelopt(prepared_path, data, spec, plan, raw, work)
-        else:
-            ranges = _quantize_onnxruntime(prepared_path, data, spec, plan, raw, work, style=style)
-        model = onnx.load(str(raw))
-        if style == PLACEMENT:
-            _keep_float(model, plan)
-        _restore_versions(model, original)
-        model.metadata_props.extend([
-            onnx.StringStringEntryProto(key="trtflow.qdq.placement", value=style),
-            onnx.StringStringEntryProto(key="trtflow.qdq.method", value=spec.calibration.method),
-            onnx.StringStringEntryProto(key="trtflow.calibration.sha256", value=data.sha256)])
-        assert_qdq_structure(model)
-        large = model.ByteSize() > 1_800_000_000
-        onnx.save(model, str(out_path), save_as_external_data=large,
-                  location=out_path.name + ".data" if large else None)
-
+    plan, ranges = _write_qdq_model(model_path, original, data, spec, out_path, chosen, style)
     counts, quantized, stats = qdq_summary(out_path)
     if style == PLACEMENT:
         # nodes that merely share a quantised tensor (e.g. a Transpose beside a Conv) are not "quantised"
