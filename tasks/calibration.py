@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tasks.errors import ModelError
+from tasks.shapes import Dim, TensorInfo, model_io
 from tasks.spec import ModelSpec, Preprocess
 
 log = logging.getLogger("trtflow.calibration")
@@ -45,63 +46,20 @@ SYNTHETIC_NOTE = ("calibrated on synthetic random inputs (calibration.synthetic:
 NO_DATA_FIX = "add calibration/*.npy|*.npz|*.jpg to the package or set calibration.synthetic: true"
 _RECIPE_VERSION = 1  # bump when the loading rules change what tensors the same files give
 
-Dim = Union[int, str, None]
 
 
 # ---- model inputs ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InputInfo:
-    """A model input as calibration needs it: name, numpy dtype, shape (int, or str/None when dynamic)."""
-
-    name: str
-    dtype: str
-    shape: Tuple[Dim, ...]
+InputInfo = TensorInfo  # the one description of a model input (tasks/shapes.py); the old name stays for callers
 
 
-_ONNX_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "DOUBLE": "float64", "INT8": "int8", "UINT8": "uint8",
-               "INT16": "int16", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+def as_input_info(item: Any) -> TensorInfo:
+    """A :class:`TensorInfo` from an IOInfo-like object or a dict with name, dtype (or elem_type), shape."""
+    return TensorInfo.from_any(item)
 
 
-def _np_dtype(value: Any) -> np.dtype:
-    """numpy dtype of a dtype given as numpy dtype, "float32", "tensor(float)", "FLOAT" or an ONNX elem type."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        from onnx import helper
-
-        return np.dtype(helper.tensor_dtype_to_np_dtype(int(value)))
-    text = str(value)
-    if text.startswith("tensor(") and text.endswith(")"):
-        text = text[7:-1]
-        text = {"float": "float32", "double": "float64"}.get(text, text)
-    return np.dtype(_ONNX_NAMES.get(text.upper(), text))
-
-
-def as_input_info(item: Any) -> InputInfo:
-    """An :class:`InputInfo` from an IOInfo-like object or a dict with name, dtype (or elem_type), shape."""
-    get = item.get if isinstance(item, Mapping) else (lambda k, d=None: getattr(item, k, d))
-    dtype = get("dtype")
-    if dtype is None:
-        dtype = get("elem_type")
-    if dtype is None:
-        raise ValueError(f"input description {item!r} has no dtype")
-    shape = tuple(get("shape") or ())
-    return InputInfo(str(get("name")), _np_dtype(dtype).name, shape)
-
-
-def inputs_from_onnx(model: Any) -> List[InputInfo]:
-    """The graph inputs (initializers aside) of an ONNX model or model path."""
-    import onnx
-
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        t = vi.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-        out.append(InputInfo(vi.name, _np_dtype(t.elem_type).name, shape))
-    return out
+def inputs_from_onnx(model: Any) -> List[TensorInfo]:
+    """The graph inputs (initializers aside) of an already-loaded ONNX model, or of a model path."""
+    return model_io(model).inputs
 
 
 def _static(d: Dim) -> bool:

@@ -30,6 +30,14 @@ class TensorInfo:
     shape: Optional[List[Dim]]
     dynamic_dims: List[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Built positionally (name, dtype, shape) the dynamic dims follow from the shape; a tuple
+        # shape becomes a list so that the same input compares equal however it was described.
+        if self.shape is not None:
+            self.shape = list(self.shape)
+            if not self.dynamic_dims:
+                self.dynamic_dims = [i for i, d in enumerate(self.shape) if not isinstance(d, int) or d < 0]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -46,8 +54,7 @@ class TensorInfo:
             raise ValueError(f"input description {item!r} has no dtype; give dtype (e.g. 'float32') or elem_type")
         raw = get("shape")
         shape = None if raw is None else [int(d) if isinstance(d, (int, np.integer)) else d for d in raw]
-        dynamic = [i for i, d in enumerate(shape or []) if not (isinstance(d, int) and d > 0)]
-        return cls(str(get("name")), numpy_dtype(dtype).name, shape, dynamic)
+        return cls(str(get("name")), numpy_dtype(dtype).name, shape)
 
     def shape_text(self) -> str:
         if self.shape is None:
