@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tasks.errors import ModelError
-from tasks.shapes import Dim, TensorInfo, model_io
+from tasks.shapes import SYNTHETIC_RULE, Dim, TensorInfo, default_batch_range, model_io, synthetic_inputs
 from tasks.spec import ModelSpec, Preprocess
 
 log = logging.getLogger("trtflow.calibration")
@@ -404,12 +404,11 @@ def synthetic_calibration_data(spec: ModelSpec, inputs: Iterable[Any],
                                profiles: Optional[Sequence[Mapping[str, Any]]] = None) -> CalibrationData:
     """Seeded random samples at the calibration profile's opt shape (``calibration.synthetic: true``).
 
-    Floats are standard normal, integers 0 or 1 (valid indices for any embedding), booleans random.
+    The one synthetic rule of tasks/shapes.py, integers 0 or 1 (valid indices for any embedding).
     Four opt-shape batches are made (at most ``max_samples`` samples).
     """
     infos = [as_input_info(x) for x in inputs]
     opt = _opt_shapes(spec, profiles)
-    rng = np.random.default_rng(SYNTHETIC_SEED)
     shapes: Dict[str, List[int]] = {}
     for info in infos:
         if info.name in opt:
@@ -420,7 +419,7 @@ def synthetic_calibration_data(spec: ModelSpec, inputs: Iterable[Any],
                 if _static(d):
                     shape.append(int(d))
                 elif axis == 0:
-                    shape.append(spec.build.default_opt_batch)
+                    shape.append(default_batch_range(spec.build.default_opt_batch, spec.build.default_max_batch)[1])
                 else:
                     raise ModelError(f"synthetic calibration needs a shape for input {info.name!r}, whose dim {axis} "
                                      f"is dynamic ({d!r}).",
@@ -428,18 +427,10 @@ def synthetic_calibration_data(spec: ModelSpec, inputs: Iterable[Any],
         shapes[info.name] = shape
     batch = max((s[0] for s in shapes.values() if s), default=1)
     n = max(1, min(spec.calibration.max_samples, 4 * batch))
-    arrays = {}
-    for info in infos:
-        sample = shapes[info.name][1:]
-        dt = np.dtype(info.dtype)
-        if dt.kind == "f":
-            a = rng.standard_normal((n, *sample)).astype(dt)
-        elif dt.kind == "b":
-            a = rng.integers(0, 2, size=(n, *sample)).astype(bool)
-        else:
-            a = rng.integers(0, 2, size=(n, *sample)).astype(dt)
-        arrays[info.name] = a
-    recipe = {"version": _RECIPE_VERSION, "synthetic": True, "seed": SYNTHETIC_SEED,
+    # integers 0 or 1 (int_high 2): valid indices for any embedding table
+    arrays = synthetic_inputs({i.name: i.dtype for i in infos}, {i.name: [n, *shapes[i.name][1:]] for i in infos},
+                              seed=SYNTHETIC_SEED, int_highs={i.name: 2 for i in infos})
+    recipe = {"version": _RECIPE_VERSION, "synthetic": True, "seed": SYNTHETIC_SEED, "rule": SYNTHETIC_RULE,
               "inputs": {k: [v.dtype.name, list(v.shape)] for k, v in arrays.items()}}
     sha = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
     log.warning("INT8 calibration uses synthetic data: %s", SYNTHETIC_NOTE)

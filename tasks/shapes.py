@@ -162,6 +162,7 @@ def opt_shapes(profile: Optional[Mapping[str, Any]]) -> Dict[str, List[int]]:
 
 
 # ---- synthetic inputs ---------------------------------------------------------------------------
+SYNTHETIC_RULE = "normal-floats/uint8-bytes/small-ints/random-bools:v1"  # in cache recipes: bump when the rule changes
 SYNTHETIC_INT_HIGH = 10  # synthetic integers are drawn from [0, 10): valid ids for any table of >= 10 rows
 
 

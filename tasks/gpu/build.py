@@ -22,6 +22,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from tasks.errors import InfraError, ModelError
 from tasks.gpu import compat
+from tasks.shapes import default_batch_range
 
 log = logging.getLogger("trtflow.gpu.build")
 
@@ -112,8 +113,7 @@ def resolve_profiles(inputs: Sequence[Dict[str, Any]], requested: Optional[Seque
     """
     names = [str(i["name"]) for i in inputs]
     profiles = [dict(p) for p in (requested or [])] or [{}]
-    opt_batch = max(1, min(int(default_opt_batch), int(default_max_batch)))
-    max_batch = max(1, int(default_max_batch))
+    default_batch = default_batch_range(default_opt_batch, default_max_batch)
     out: List[Dict[str, Dict[str, List[int]]]] = []
     for index, profile in enumerate(profiles):
         unknown = sorted(set(profile) - set(names))
@@ -145,7 +145,7 @@ def resolve_profiles(inputs: Sequence[Dict[str, Any]], requested: Optional[Seque
                                  f"profile gives its range.",
                                  fix=f"add a profile for {name} in trtflow.yaml, e.g. profiles: [{{{name}: "
                                      f"{{min: [...], opt: [...], max: [...]}}}}]")
-            lo, mid, hi = batch or (1, opt_batch, max_batch)
+            lo, mid, hi = batch or default_batch
             resolved[name] = {"min": [lo] + shape[1:], "opt": [mid] + shape[1:], "max": [hi] + shape[1:]}
         out.append(resolved)
     return out
