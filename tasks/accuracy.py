@@ -139,7 +139,7 @@ def _synthetic(shape: List[int], dtype: np.dtype, rng: np.random.Generator, int_
 
 def _np_dtype(t: TensorInfo) -> np.dtype:
     try:
-        return np.dtype(t.dtype)
+        return t.np_dtype()
     except TypeError:
         raise ModelError(f"input {t.name!r} has dtype {t.dtype}, which trtflow cannot feed.",
                          fix="Export the model with numeric inputs.") from None
@@ -263,7 +263,8 @@ def _range_text(t: TensorInfo, profile: ResolvedProfile) -> str:
 
 
 def eval_inputs(local_package: LocalPackage, spec: ModelSpec, model_path: Optional[Path] = None,
-                profiles: Optional[List[ResolvedProfile]] = None, out_path: Optional[Path] = None) -> EvalSet:
+                profiles: Optional[List[ResolvedProfile]] = None, out_path: Optional[Path] = None, *,
+                model: Optional[onnx.ModelProto] = None) -> EvalSet:
     """Eval inputs for the accuracy check, written as one ``"<i>:<input>"`` npz.
 
     Args:
@@ -273,11 +274,12 @@ def eval_inputs(local_package: LocalPackage, spec: ModelSpec, model_path: Option
         profiles: resolved profiles (``ValidationReport.profiles``); the first one's opt shapes are
             used. None resolves them from the spec.
         out_path: where to write the npz (default: ``<workdir>/<name>.eval.inputs.npz``).
+        model: ``model_path`` already loaded (without external data), so it is not parsed again.
     Raises:
         ModelError: eval data that does not fit the model.
     """
     model_path = Path(model_path or local_package.model_path)
-    model = load_model_proto(model_path)
+    model = model if model is not None else load_model_proto(model_path)
     inputs = model_io(model).inputs
     resolved = _profiles(inputs, spec, model_path, profiles)
     profile = resolved[0] if resolved else {}
@@ -398,14 +400,15 @@ def check_accuracy(reference_npz: Path, actual_npz: Path, tolerance: Any) -> Gat
     return gate(compare_npz(reference_npz, actual_npz), tolerance)
 
 
-def latency_inputs(model_path: Path, inputs: Union[Mapping[str, Any], EvalSet], seed: int = 0) -> Dict[str, np.ndarray]:
+def latency_inputs(model_path: Path, inputs: Union[Mapping[str, Any], EvalSet], seed: int = 0, *,
+                   model: Optional[onnx.ModelProto] = None) -> Dict[str, np.ndarray]:
     """Feeds for a latency run: an EvalSet's first call, a dict of arrays as given, or a resolved
     profile (input -> {"min", "opt", "max"}) turned into seeded synthetic inputs at its opt shapes."""
     if isinstance(inputs, EvalSet):
         return inputs.call(0)
     values = list(inputs.values())
     if values and all(isinstance(v, Mapping) and "opt" in v for v in values):
-        model = load_model_proto(Path(model_path))
+        model = model if model is not None else load_model_proto(Path(model_path))
         model_inputs = model_io(model).inputs
         opt = _opt_shapes(model_inputs, {n: dict(r) for n, r in inputs.items()})
         rng = np.random.default_rng(seed)
@@ -416,7 +419,7 @@ def latency_inputs(model_path: Path, inputs: Union[Mapping[str, Any], EvalSet], 
 
 
 def ort_latency(model_path: Path, inputs: Union[Mapping[str, Any], EvalSet], iterations: int = 20,
-                warmup: int = 3, threads: int = 0) -> Dict[str, Any]:
+                warmup: int = 3, threads: int = 0, *, model: Optional[onnx.ModelProto] = None) -> Dict[str, Any]:
     """ONNX Runtime CPU latency at one input set (the opt shape): the baseline of the speedup figure.
 
     Args:
@@ -427,7 +430,7 @@ def ort_latency(model_path: Path, inputs: Union[Mapping[str, Any], EvalSet], ite
     """
     import onnxruntime as ort
 
-    feeds = latency_inputs(model_path, inputs)
+    feeds = latency_inputs(model_path, inputs, model=model)
     sess = _session(Path(model_path), threads)
     for _ in range(max(0, warmup)):
         _run(sess, feeds, "the latency inputs")

@@ -13,7 +13,7 @@ import onnx
 
 from tasks.calibration import CalibrationData, inputs_from_onnx
 from tasks.errors import ModelError
-from tasks.gpu.compat import PORTABLE_MAX_IR
+from tasks.gpu.compat import PORTABLE_MAX_IR, Caps
 from tasks.spec import ModelSpec
 from tasks.quantize.graph import MIN_IR_FOR_OPSET, MIN_OPSET, ORT_DEFAULT, PLACEMENT, _opset, has_qdq
 from tasks.quantize.result import QuantizeResult, quantize_recipe, stats_path_for
@@ -118,11 +118,13 @@ def _write_qdq_model(model_path: Path, original: onnx.ModelProto, data: Calibrat
 
 def qdq_model_from_calibration(model_path: Union[str, Path], data: CalibrationData, spec: ModelSpec,
                                out_path: Union[str, Path], backend: Optional[str] = None, *,
-                               placement: str = "tensorrt", tensorrt: Optional[str] = None) -> QuantizeResult:
+                               placement: str = "tensorrt", tensorrt: Union[str, Caps, None] = None,
+                               model: Optional[onnx.ModelProto] = None) -> QuantizeResult:
     """Calibrate ``model_path`` on ``data`` and write a TensorRT-ready Q/DQ model to ``out_path``
     (calibration statistics beside it, see :func:`stats_path_for`).
 
-    ``tensorrt``: the target TensorRT version when known; it steers ``calibration.backend: auto``
+    ``model``: ``model_path`` already loaded (without external data), so it is not parsed again.
+    ``tensorrt``: the target TensorRT (version or Caps) when known; it steers ``calibration.backend: auto``
     (see :func:`choose_backend`). ``placement="onnxruntime-default"`` (onnxruntime backend only) makes the Q/DQ graph onnxruntime
     would make by itself (biases float, activations symmetric so that TensorRT parses it): for
     benchmarks that compare build time and speed with trtflow's placement, not for production.
@@ -138,7 +140,7 @@ def qdq_model_from_calibration(model_path: Union[str, Path], data: CalibrationDa
     started = time.monotonic()
     model_path, out_path = Path(model_path), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    original = onnx.load(str(model_path), load_external_data=False)
+    original = model if model is not None else onnx.load(str(model_path), load_external_data=False)
     names = [i.name for i in inputs_from_onnx(original)]
     if sorted(names) != sorted(data.arrays):
         raise ModelError(f"the calibration data feeds inputs {sorted(data.arrays)}, the model has {sorted(names)}.",
