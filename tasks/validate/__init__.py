@@ -65,7 +65,7 @@ def validate_model(model_path: Path, spec: Optional[ModelSpec] = None, package_r
     spec = spec if spec is not None else ModelSpec()
     caps = target_caps(caps, trt_version, target)
     path = Path(model_path)
-    report = ValidationReport(model_path=str(path), trt_version=caps.version)
+    report = ValidationReport(model_path=str(path), trt_version=caps.version, parser_rules=caps.parser_table)
     if not path.is_file():
         report.error("file_missing", f"{path} does not exist or is not a file.", "Check the model path and the upload.")
         return report

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 def report_lines(report: "ValidationReport") -> List[str]:
     """A plain-text report (CLI, logs)."""
-    lines = [f"{Path(report.model_path).name}: {'OK' if report.ok else 'FAILED'} for TensorRT {report.trt_version} "
+    lines = [f"{Path(report.model_path).name}: {'OK' if report.ok else 'FAILED'} for {report.target()} "
              f"({len(report.errors)} error(s), {len(report.warnings)} warning(s))"]
     if report.ir_version is not None:
         opsets = ", ".join(f"{k} {v}" for k, v in sorted(report.opsets.items()))
@@ -41,7 +41,7 @@ def report_lines(report: "ValidationReport") -> List[str]:
 def report_markdown(report: "ValidationReport") -> str:
     """A Markdown report (Prefect artifact)."""
     name = Path(report.model_path).name
-    out = [f"### Validation of `{name}`: {'✅ OK' if report.ok else '❌ FAILED'} (TensorRT {report.trt_version})", ""]
+    out = [f"### Validation of `{name}`: {'✅ OK' if report.ok else '❌ FAILED'} ({report.target()})", ""]
     if report.ir_version is not None:
         opsets = ", ".join(f"{k} {v}" for k, v in sorted(report.opsets.items()))
         out += [f"IR {report.ir_version} · opsets {opsets or 'none'} · producer `{report.producer or '-'}` · "

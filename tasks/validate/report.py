@@ -26,7 +26,7 @@ class ValidationReport:
     """What validation found. Truthy when it has no errors."""
 
     model_path: str
-    trt_version: str  # the target TensorRT the model was judged against (its parser's rules)
+    trt_version: str  # the target TensorRT the model was judged against
     errors: List[Issue] = field(default_factory=list)
     warnings: List[Issue] = field(default_factory=list)
     ir_version: Optional[int] = None
@@ -40,6 +40,13 @@ class ValidationReport:
     external_files: List[str] = field(default_factory=list)
     parameters: int = 0
     profiles: List[ResolvedProfile] = field(default_factory=list)
+    parser_rules: str = ""  # the compat.PARSER_SUPPORT row applied (e.g. "10" for TensorRT 10.3.1)
+
+    def target(self) -> str:
+        """"TensorRT 10.3.1 (parser rules of 10)": which target, and whose rules, the report applies."""
+        shown = self.parser_rules and self.parser_rules != self.trt_version
+        rules = f" (parser rules of {self.parser_rules})" if shown else ""
+        return f"TensorRT {self.trt_version}{rules}"
 
     @property
     def ok(self) -> bool:
@@ -90,7 +97,7 @@ class ValidationReport:
         """One ModelError naming every error (details keep them one by one)."""
         name = Path(self.model_path).name
         count = len(self.errors)
-        head = f"{name} failed validation for TensorRT {self.trt_version} ({count} error{'s' if count != 1 else ''}): "
+        head = f"{name} failed validation for {self.target()} ({count} error{'s' if count != 1 else ''}): "
         message = head + " ".join(f"[{e.code}] {e.message}" for e in self.errors)
         fixes = [e.fix for e in self.errors if e.fix]
         return ModelError(message, fix=" | ".join(dict.fromkeys(fixes)) or None,

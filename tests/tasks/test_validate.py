@@ -337,6 +337,7 @@ def test_the_report_names_the_target_it_judged_against_given_as_caps_or_old_keyw
     path = models.save(models.relu_model(opset=20), _pkg(tmp_path))
     by_caps = validate_model(path, caps=caps_for_version("10.3.1"))
     assert by_caps.ok and by_caps.trt_version == "10.3.1"
+    assert "for TensorRT 10.3.1 (parser rules of 10)" in by_caps.summary_lines()[0]
     by_shim = validate_model(path, trt_version="8.6.1")  # the keyword pools' flow still passes
     assert by_shim.trt_version == "8.6.1" and by_shim.codes() == ["opset_unsupported"]
     assert "TensorRT 8.6.1" in by_shim.summary_lines()[0]
