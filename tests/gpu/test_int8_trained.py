@@ -76,6 +76,15 @@ class Case:
                 "unknown_layers": resp["layers"].get("unknown") or [], "layers_json": resp["layers"]["path"]}
 
 
+def every_layer(layers_json: Optional[str]) -> List[tuple]:
+    """(name, type, precision, tactic) per layer of layers.json: what an INT8 assertion should show."""
+    from tasks.gpu.build import layer_table
+
+    if not layers_json or not Path(layers_json).is_file():
+        return []
+    return [(r["name"], r["type"], r["precision"], r["tactic"]) for r in layer_table(Path(layers_json).read_text())]
+
+
 def table(rows: List[Dict]) -> str:
     lines = [f"{'engine':34} {'build s':>8} {'samples/s':>12} {'cosine':>9} {'top1':>6} {'acc':>6} gate  layers"]
     for r in rows:
@@ -118,7 +127,8 @@ def test_trained_cnn_int8_both_ways_within_the_gate(tmp_path, caps):
         if r["engine"].startswith("int8"):
             assert r["layers"].get("int8", 0) > 0, (
                 f"{r['engine']}: no layer ran in INT8: {r['layers']}; unknown layers (name, type, tactic): "
-                f"{[(u['name'], u['type'], u['tactic']) for u in r['unknown_layers']]}; every layer: {r['layers_json']}")
+                f"{[(u['name'], u['type'], u['tactic']) for u in r['unknown_layers']]}; every layer (name, type, "
+                f"precision, tactic) from {r['layers_json']}: {every_layer(r['layers_json'])}")
 
 
 def test_int8_hostile_twin_fails_the_int8_gate_and_passes_fp16(tmp_path, caps):
