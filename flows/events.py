@@ -20,8 +20,8 @@ from urllib.parse import unquote_plus
 from prefect import flow
 from pydantic import BaseModel, Field, ValidationError
 
-from flows.watch import DEFAULT_DEPLOYMENT, PollResult, Submit, _finish, _run_logger, deployment_submitter, \
-    settle_and_submit
+from flows.watch import (DEFAULT_DEPLOYMENT, PollResult, Submit, deployment_submitter, finish_poll, run_logger,
+                         settle_and_submit)
 from tasks.errors import InfraError
 from tasks.package import MODELS_PREFIX, NAME_RE
 from tasks.storage import Storage, open_storage
@@ -241,5 +241,5 @@ def watch_events(queue_url: str, bucket_uri: str, settle_seconds: float = 30,
     """
     storage = open_storage(bucket_uri)
     result = event_loop(storage, EventSource(queue_url), settle_seconds, deployment_submitter(deployment),
-                        time.time, max_runtime_s, logger=_run_logger())
-    return _finish(result)
+                        time.time, max_runtime_s, logger=run_logger())
+    return finish_poll(result)

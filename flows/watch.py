@@ -125,7 +125,8 @@ def poll_once(storage: Storage, settle_seconds: float, submit: Submit, now: floa
     return result
 
 
-def _run_logger() -> logging.Logger:
+def run_logger() -> logging.Logger:
+    """The Prefect run logger inside a flow run (logs reach the UI), else the module logger."""
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 
@@ -135,7 +136,8 @@ def _run_logger() -> logging.Logger:
         return log
 
 
-def _report(result: PollResult) -> None:
+def report_started(result: PollResult) -> None:
+    """A table artifact of the runs this poll (or event run) started."""
     if not result.started:
         return
     from prefect.artifacts import create_table_artifact
@@ -144,8 +146,9 @@ def _report(result: PollResult) -> None:
                           description="Conversions started by this poll (one per settled model version)")
 
 
-def _finish(result: PollResult) -> dict:
-    _report(result)
+def finish_poll(result: PollResult) -> dict:
+    """The flow's return value; a start that failed fails the run so the UI shows it (the next poll retries)."""
+    report_started(result)
     if result.errors:
         raise InfraError(f"could not start {len(result.errors)} conversion(s): {'; '.join(result.errors)}",
                          fix="Check that the convert-model deployment exists and the Prefect API is reachable; "
@@ -163,5 +166,5 @@ def watch_bucket(bucket_uri: str, settle_seconds: float = 30, deployment: str = 
         deployment: the convert deployment, ``flow-name/deployment-name``.
     """
     storage = open_storage(bucket_uri)
-    result = poll_once(storage, settle_seconds, deployment_submitter(deployment), time.time(), _run_logger())
-    return _finish(result)
+    result = poll_once(storage, settle_seconds, deployment_submitter(deployment), time.time(), run_logger())
+    return finish_poll(result)

@@ -63,7 +63,8 @@ def test_one_bad_record_does_not_hide_the_good_ones():
 
 
 def test_touched_packages_logs_what_it_skips(caplog):
-    msgs = [{"MessageId": "m-bad", "Body": "{not json"}, {"MessageId": "m-ok", "Body": json.dumps({"Records": [GOOD_RECORD]})},
+    msgs = [{"MessageId": "m-bad", "Body": "{not json"},
+            {"MessageId": "m-ok", "Body": json.dumps({"Records": [GOOD_RECORD]})},
             {"MessageId": "m-none"}]
     with caplog.at_level(logging.WARNING, logger="trtflow.watch.events"):
         assert touched_packages(msgs, "") == {"good"}
