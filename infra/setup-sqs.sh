@@ -7,7 +7,7 @@
 # notification for ObjectCreated/ObjectRemoved under <key-prefix>models/ (infra/s3-sqs-notification.json),
 # keeping the bucket's other notification configurations. Prints the queue URL; then
 #
-#   prefect deployment run watch-events/... or  python -c 'from flows.watch import watch_events; watch_events(URL, "s3://bucket")'
+#   prefect deployment run watch-events/... or  python -c 'from flows.events import watch_events; watch_events(URL, "s3://bucket")'
 #
 # Credentials and region come from the usual AWS environment; TRTFLOW_S3_ENDPOINT_URL and
 # AWS_ENDPOINT_URL_SQS point it at MinIO/moto/LocalStack instead of AWS.
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 exec "$PY" - "$@" <<'PYEOF'
 import sys
-from flows.watch import setup_event_notifications
+from flows.events import setup_event_notifications
 
 bucket = sys.argv[1]
 queue = sys.argv[2] if len(sys.argv) > 2 else "trtflow-model-events"

@@ -6,7 +6,6 @@ external data, ``trtflow.yaml``, ``calibration/`` and ``eval/``.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -16,6 +15,7 @@ from urllib.parse import unquote, urlparse
 from tasks.errors import ModelError
 from tasks.spec import SPEC_FILENAME
 from tasks.storage import ObjectInfo, Storage, open_storage, sha256_file
+from tasks.watch_state import package_fingerprint
 
 MODELS_PREFIX = "models/"
 ENGINES_PREFIX = "engines/"
@@ -89,11 +89,8 @@ class ModelPackage:
 
     @property
     def fingerprint(self) -> str:
-        """Changes whenever any file of the package changes (used by the watcher)."""
-        h = hashlib.sha256()
-        for f in sorted(self.files, key=lambda f: f.key):
-            h.update(f"{f.key}\0{f.size}\0{f.etag}\n".encode())
-        return h.hexdigest()
+        """Changes whenever any file of the package changes (see tasks/watch_state.package_fingerprint)."""
+        return package_fingerprint(self.files)
 
     @property
     def last_modified(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from typing import Iterator, Optional, Protocol
 from urllib.parse import unquote, urlparse
 
 from tasks.errors import InfraError, ModelError
+
+log = logging.getLogger("trtflow.storage")
 
 
 @dataclass(frozen=True)
@@ -96,15 +99,24 @@ class LocalStorage(_Helpers):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self.root
-        for dirpath, dirnames, filenames in os.walk(base):
+        # Walk only the folder the prefix names ("models/" need not walk engines/).
+        start = base / prefix.rsplit("/", 1)[0] if "/" in prefix else base
+        for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".trtflow-tmp"))
             for name in sorted(filenames):
                 if name.startswith(".trtflow-tmp"):
                     continue  # a write in progress
                 path = Path(dirpath) / name
                 key = path.relative_to(base).as_posix()
-                if key.startswith(prefix):
-                    yield self._info(key, path)
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    info = self._info(key, path)
+                except OSError as err:
+                    # A dangling symlink, or a file deleted while we list: skip it, list the rest.
+                    log.warning("Skipping %s in the listing: %s", self.url(key), err)
+                    continue
+                yield info
 
     def head(self, key: str) -> Optional[ObjectInfo]:
         path = self._path(key)
@@ -202,6 +214,8 @@ class S3Storage(_Helpers):
             if page is None:
                 return
             for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):
+                    continue  # a console "folder" marker, not an object (LocalStorage lists no folders either)
                 yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], self._etag(obj["ETag"]), obj["LastModified"])
 
     def head(self, key: str) -> Optional[ObjectInfo]:

@@ -1,48 +1,20 @@
-"""watch-bucket: settling with an injected clock, idempotency keys, persisted state, S3 events from SQS."""
+"""watch-bucket: settling with an injected clock, idempotency keys, persisted state, what it cannot read."""
 from __future__ import annotations
 
 import json
+import logging
 import os
-from pathlib import Path
+import time
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from flows import watch
-from flows.watch import (STATE_KEY, Due, EventSource, PackageState, WatchState, event_loop, idempotency_key,
-                         keys_from_message, load_state, observe, package_name_for_key, poll_once,
-                         setup_event_notifications, version_of)
-from tasks.package import list_packages
-from tasks.storage import LocalStorage, S3Storage
-
-T0 = 1_700_000_000.0  # file mtimes are pinned relative to this; the watcher's clock is injected
-SETTLE = 30.0
-
-
-def put(root: Path, key: str, data: bytes, mtime: float) -> None:
-    path = root / key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.utime(path, (mtime, mtime))
-
-
-class Recorder:
-    """A Submit that records what would be started."""
-
-    def __init__(self, fail: set[str] = frozenset()):
-        self.calls: list[tuple[Due, dict]] = []
-        self.fail = set(fail)
-
-    def __call__(self, due: Due, params: dict) -> str:
-        if due.name in self.fail:
-            raise RuntimeError("API unreachable")
-        self.calls.append((due, params))
-        return f"run-{len(self.calls)}"
-
-    @property
-    def names(self) -> list[str]:
-        return [d.name for d, _ in self.calls]
+from flows.watch import poll_once
+from tasks.package import fetch_package, list_packages, status_key
+from tasks.storage import LocalStorage
+from tasks.watch_state import (STATE_KEY, PackageState, WatchState, idempotency_key, load_state, observe,
+                               package_fingerprint, version_of)
+from tests.flows.watch_doubles import SETTLE, T0, Recorder, put
 
 
 @pytest.fixture()
@@ -86,9 +58,9 @@ def test_recent_last_modified_holds_back_a_package_seen_long_ago(bucket):
     # watcher that (re)started during an upload, or S3's clock ahead of ours).
     put(bucket.root, "models/c.onnx", b"x", T0 + 100)
     state = WatchState()
-    assert observe(state, bucket.uri, list_packages(bucket), T0, SETTLE) == []
-    assert observe(state, bucket.uri, list_packages(bucket), T0 + 110, SETTLE) == []
-    assert [d.name for d in observe(state, bucket.uri, list_packages(bucket), T0 + 130, SETTLE)] == ["c"]
+    assert observe(state, bucket.uri, list_packages(bucket), T0, SETTLE).due == []
+    assert observe(state, bucket.uri, list_packages(bucket), T0 + 110, SETTLE).due == []
+    assert [d.name for d in observe(state, bucket.uri, list_packages(bucket), T0 + 130, SETTLE).due] == ["c"]
 
 
 def test_each_update_is_one_more_run_with_its_own_key(bucket):
@@ -110,8 +82,8 @@ def test_overlapping_polls_compute_the_same_key(bucket):
     s1, s2 = WatchState(), WatchState()
     for s in (s1, s2):
         observe(s, bucket.uri, list_packages(bucket), T0 + 1, SETTLE)
-    d1 = observe(s1, bucket.uri, list_packages(bucket), T0 + 40, SETTLE)
-    d2 = observe(s2, bucket.uri, list_packages(bucket), T0 + 45, SETTLE)
+    d1 = observe(s1, bucket.uri, list_packages(bucket), T0 + 40, SETTLE).due
+    d2 = observe(s2, bucket.uri, list_packages(bucket), T0 + 45, SETTLE).due
     assert [d.idempotency_key for d in d1] == [d.idempotency_key for d in d2] and d1
 
 
@@ -181,91 +153,149 @@ def test_a_failed_start_is_retried_on_the_next_poll_and_does_not_block_others(bu
     assert rec.names == ["j", "i"]
 
 
-def test_package_name_for_key():
-    assert package_name_for_key("models/a.onnx") == "a"
-    assert package_name_for_key("models/a.onnx.data") == "a"
-    assert package_name_for_key("models/b/calibration/x y.npy") == "b"
-    assert package_name_for_key("engines/a/latest.json") is None
-    assert package_name_for_key("models/..bad/model.onnx") is None
-    assert package_name_for_key("models/readme.txt") is None
+# ---- what the watcher cannot read (issue 11 item 6) ------------------------------------------------
+def test_a_dangling_symlink_is_skipped_and_logged_and_every_other_package_converts(bucket, caplog):
+    put(bucket.root, "models/p.onnx", b"p", T0)
+    put(bucket.root, "models/q/model.onnx", b"q", T0)
+    (bucket.root / "models/gone.onnx").symlink_to(bucket.root / "nowhere.onnx")
+    (bucket.root / "models/q/calibration").mkdir()
+    (bucket.root / "models/q/calibration/lost.npy").symlink_to("/nonexistent/lost.npy")
+    rec = Recorder()
+    with caplog.at_level(logging.WARNING, logger="trtflow.storage"):
+        poll_once(bucket, SETTLE, rec, now=T0 + 1)
+        poll_once(bucket, SETTLE, rec, now=T0 + 40)
+    assert rec.names == ["p", "q"]
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    assert "models/gone.onnx" in skipped and "models/q/calibration/lost.npy" in skipped
 
 
-def test_event_message_parsing_decodes_keys_and_ignores_the_test_event():
-    test_event = json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "b"})
-    assert keys_from_message(test_event) == []
-    rec = {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-                        "s3": {"object": {"key": "models%2Fk%2Fcalibration%2Fimg+1.npy"}}}]}
-    assert keys_from_message(json.dumps(rec)) == ["models/k/calibration/img 1.npy"]
-    sns = json.dumps({"Type": "Notification", "Message": json.dumps(rec)})
-    assert keys_from_message(sns) == ["models/k/calibration/img 1.npy"]
-    assert keys_from_message("not json") == []
+class DeletesDuringListing(LocalStorage):
+    """Test double: a real local bucket in which one file is deleted while the watcher is listing it."""
+
+    def __init__(self, root, victim: str):
+        super().__init__(root)
+        self.victim = victim
+
+    def list(self, prefix: str = ""):
+        for i, info in enumerate(super().list(prefix)):
+            if i == 0:
+                (self.root / self.victim).unlink()  # after os.walk named it, before it is stat-ed
+            yield info
 
 
-class FakeClock:
-    def __init__(self, t: float):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class ClockedEvents(EventSource):
-    """Real SQS (moto) whose long poll advances the fake clock instead of waiting."""
-
-    def __init__(self, queue_url, client, clock: FakeClock):
-        super().__init__(queue_url, client)
-        self.clock = clock
-        self.received: list[dict] = []
-
-    def receive(self, wait_seconds):
-        msgs = super().receive(0)
-        self.received += msgs
-        self.clock.t += max(wait_seconds, 1)
-        return msgs
+def test_a_file_deleted_during_listing_does_not_fail_the_poll(bucket):
+    for name in ("r1", "r2", "r3"):
+        put(bucket.root, f"models/{name}.onnx", name.encode(), T0)
+    racy = DeletesDuringListing(bucket.root, "models/r2.onnx")
+    rec = Recorder()
+    poll_once(racy, SETTLE, rec, now=T0 + 1)
+    poll_once(bucket, SETTLE, rec, now=T0 + 40)
+    assert rec.names == ["r1", "r3"]
 
 
-def test_event_mode_with_moto_s3_notifications(aws_env):
-    with mock_aws():
-        s3 = boto3.client("s3", region_name="us-east-1")
-        sqs = boto3.client("sqs", region_name="us-east-1")
-        s3.create_bucket(Bucket="models-bucket")
-        other = sqs.create_queue(QueueName="someone-elses")["QueueUrl"]
-        other_arn = sqs.get_queue_attributes(QueueUrl=other, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        s3.put_bucket_notification_configuration(Bucket="models-bucket", NotificationConfiguration={
-            "QueueConfigurations": [{"Id": "theirs", "QueueArn": other_arn, "Events": ["s3:ObjectCreated:*"],
-                                     "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "logs/"}]}}}]})
-        # What infra/setup-sqs.sh runs: queue, queue policy, notification for models/ (twice: idempotent).
-        for _ in range(2):
-            q = setup_event_notifications("models-bucket", "trtflow-events", s3=s3, sqs=sqs)
-        config = s3.get_bucket_notification_configuration(Bucket="models-bucket")["QueueConfigurations"]
-        assert sorted(c["Id"] for c in config) == ["theirs", "trtflow-models"]
-        policy = json.loads(sqs.get_queue_attributes(QueueUrl=q, AttributeNames=["Policy"])["Attributes"]["Policy"])
-        assert policy["Statement"][0]["Condition"]["ArnEquals"]["aws:SourceArn"] == "arn:aws:s3:::models-bucket"
-        storage = S3Storage("models-bucket", client=s3)
-        s3.put_object(Bucket="models-bucket", Key="models/m1/model.onnx", Body=b"m1")
-        s3.put_object(Bucket="models-bucket", Key="models/m1/calibration/img 1.npy", Body=b"c")
-        s3.put_object(Bucket="models-bucket", Key="engines/m1/latest.json", Body=b"{}")  # outside the filter
-
-        clock = FakeClock(datetime_now())
-        events = ClockedEvents(q, sqs, clock)
-        rec = Recorder()
-        result = event_loop(storage, events, settle_seconds=5, submit=rec, clock=clock, max_runtime_s=30,
-                            max_wait_s=20)
-        bodies = [m["Body"] for m in events.received]
-        assert any("s3:TestEvent" in b for b in bodies)           # moto sends it first, and it is skipped
-        assert any("%2F" in b or "+" in b for b in bodies)        # keys really arrive URL-encoded
-        keys = {k for b in bodies for k in keys_from_message(b)}
-        assert keys == {"models/m1/model.onnx", "models/m1/calibration/img 1.npy"}
-        assert rec.names == ["m1"] and [s["name"] for s in result.started] == ["m1"]
-        assert sqs.receive_message(QueueUrl=q, WaitTimeSeconds=0).get("Messages") is None  # all deleted
-        # The state it saved is the same state polling uses: a poll right after starts nothing.
-        assert poll_once(storage, 5, rec, now=clock.t + 100).started == [] and rec.names == ["m1"]
+def test_s3_folder_markers_do_not_break_their_packages(moto_s3, tmp_path):
+    s3 = moto_s3.client
+    for key, body in [("models/", b""), ("models/resnet/", b""), ("models/resnet/model.onnx", b"resnet"),
+                      ("models/bert/", b""), ("models/bert/model.onnx", b"bert"),
+                      ("models/bert/calibration/", b""), ("models/bert/calibration/a.npy", b"calib")]:
+        s3.put_object(Bucket=moto_s3.bucket, Key=key, Body=body)
+    rec = Recorder()
+    now = time.time() + 60  # moto stamps real times; settle by the watcher's clock
+    poll_once(moto_s3, SETTLE, rec, now=now)
+    poll_once(moto_s3, SETTLE, rec, now=now + 31)
+    assert rec.names == ["bert", "resnet"]
+    bert = {p.name: p for p in list_packages(moto_s3)}["bert"]
+    assert sorted(f.key for f in bert.files) == ["models/bert/calibration/a.npy", "models/bert/model.onnx"]
+    local = fetch_package(moto_s3, bert, tmp_path / "work")  # the marker once made this refuse the package
+    assert (local.root / "calibration" / "a.npy").read_bytes() == b"calib"
 
 
-def datetime_now() -> float:
-    import time
+def test_two_packages_claiming_one_name_are_refused_with_a_status_record_until_one_goes(bucket):
+    put(bucket.root, "models/x.onnx", b"single", T0)
+    put(bucket.root, "models/x/model.onnx", b"folder", T0)
+    put(bucket.root, "models/y.onnx", b"y", T0)
+    rec = Recorder()
+    for t in (T0 + 1, T0 + 40, T0 + 400):
+        result = poll_once(bucket, SETTLE, rec, now=t)
+    assert rec.names == ["y"]                                     # x never starts, y is not held up
+    assert result.clashes == {"x": ["models/x.onnx", "models/x/model.onnx"]}
+    record = bucket.read_json(status_key("x", ""))
+    assert record["status"] == "failed" and record["stage"] == "watch"
+    assert "models/x.onnx" in record["error"]["message"] and "models/x/model.onnx" in record["error"]["message"]
+    assert "delete or rename" in record["error"]["fix"]
+    (bucket.root / "models/x.onnx").unlink()                      # the user keeps the folder package
+    poll_once(bucket, SETTLE, rec, now=T0 + 401)
+    assert bucket.read_json(status_key("x", "")) is None           # the watcher's own record is gone
+    poll_once(bucket, SETTLE, rec, now=T0 + 432)
+    assert rec.names == ["y", "x"]
+    assert rec.calls[-1][1]["request"]["model_uri"] == bucket.url("models/x/model.onnx")
 
-    return time.time()
+
+def test_a_clash_record_is_written_once_not_every_poll(bucket):
+    put(bucket.root, "models/z.onnx", b"single", T0)
+    put(bucket.root, "models/z/model.onnx", b"folder", T0)
+    poll_once(bucket, SETTLE, Recorder(), now=T0 + 1)
+    record = bucket.root / status_key("z", "")
+    os.utime(record, (T0, T0))  # any rewrite of the record would give it a new mtime
+    poll_once(bucket, SETTLE, Recorder(), now=T0 + 40)
+    assert record.stat().st_mtime == T0
+
+
+class CountingListings(LocalStorage):
+    """Test double: a real local bucket that counts its listings."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.listed: list[str] = []
+
+    def list(self, prefix: str = ""):
+        self.listed.append(prefix)
+        return super().list(prefix)
+
+
+def test_one_listing_per_poll(bucket):
+    put(bucket.root, "models/s.onnx", b"s", T0)
+    put(bucket.root, "models/s2/model.onnx", b"s2", T0)
+    counting = CountingListings(bucket.root)
+    poll_once(counting, SETTLE, Recorder(), now=T0 + 1)
+    poll_once(counting, SETTLE, Recorder(), now=T0 + 40)
+    assert counting.listed == ["models/", "models/"]
+
+
+# ---- the whole-package fingerprint (issue 11 item 1, watcher side) -------------------------------------
+@pytest.mark.parametrize("changed", ["model.onnx.data", "trtflow.yaml", "calibration/a.npy", "eval/b.npy"])
+def test_any_file_of_the_package_is_a_new_fingerprint_and_a_new_run(bucket, changed):
+    files = ["model.onnx", "model.onnx.data", "trtflow.yaml", "calibration/a.npy", "eval/b.npy"]
+    for f in files:
+        put(bucket.root, f"models/w/{f}", f.encode(), T0)
+    rec = Recorder()
+    poll_once(bucket, SETTLE, rec, now=T0 + 1)
+    poll_once(bucket, SETTLE, rec, now=T0 + 40)
+    put(bucket.root, f"models/w/{changed}", b"new bytes of " + changed.encode(), T0 + 100)  # only this file
+    poll_once(bucket, SETTLE, rec, now=T0 + 101)
+    poll_once(bucket, SETTLE, rec, now=T0 + 140)
+    (first, _), (second, _) = rec.calls
+    assert first.fingerprint and second.fingerprint and first.fingerprint != second.fingerprint
+    (pkg,) = list_packages(bucket)
+    assert second.fingerprint == package_fingerprint(pkg.files)
+
+
+def test_single_file_packages_fingerprint_their_external_data(bucket):
+    put(bucket.root, "models/v.onnx", b"graph", T0)
+    put(bucket.root, "models/v.onnx.data", b"weights 1", T0)
+    before = package_fingerprint(list_packages(bucket)[0].files)
+    put(bucket.root, "models/v.onnx.data", b"weights 2", T0 + 10)
+    assert package_fingerprint(list_packages(bucket)[0].files) != before
+
+
+def test_fingerprint_is_the_listing_only_so_identical_s3_uploads_match(moto_s3):
+    s3 = moto_s3.client
+    s3.put_object(Bucket=moto_s3.bucket, Key="models/u/model.onnx", Body=b"same bytes")
+    before = package_fingerprint(list_packages(moto_s3)[0].files)
+    s3.put_object(Bucket=moto_s3.bucket, Key="models/u/model.onnx", Body=b"same bytes")  # a revert re-upload
+    assert package_fingerprint(list_packages(moto_s3)[0].files) == before
+    s3.put_object(Bucket=moto_s3.bucket, Key="models/u/eval/x.npy", Body=b"eval")
+    assert package_fingerprint(list_packages(moto_s3)[0].files) != before
 
 
 def _make_deployment(name: str) -> str:
