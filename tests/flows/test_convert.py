@@ -28,9 +28,15 @@ def gpu_double(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
-def bucket(tmp_path):
+def bucket(tmp_path, gpu_double):
+    """A local bucket with one model and the double recorded as its GPU worker (so cache hits are known)."""
     root = tmp_path / "bucket"
     models.save(models.small_cnn(), root / "models" / "cnn.onnx")
+    import tempfile
+    from flows.workers import record_worker_probe
+    from tasks.gpu_client import probe_gpu
+
+    record_worker_probe(LocalStorage(root), "gpu0-test", probe_gpu(Path(tempfile.mkdtemp(dir=tmp_path))))
     return root
 
 
@@ -148,7 +154,7 @@ def test_without_tensorrt_stops_at_gpu_stage_naming_the_setting(prefect_harness,
     assert "TensorRT cannot be imported" in str(info.value) and "TRT_PYTHON" in str(info.value)
     store = LocalStorage(bucket)
     status = store.read_json(status_key("cnn", sha256_file(bucket / "models" / "cnn.onnx")))
-    assert status["status"] == "failed" and status["stage"] == "gpu-probe"
+    assert status["status"] == "failed" and status["stage"] == "engines"  # the probe runs in build-engine
     assert "TRT_PYTHON" in status["error"]["message"] + (status["error"]["fix"] or "")
 
 
