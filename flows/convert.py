@@ -342,8 +342,18 @@ def _no_engine_error(name: str, results: Dict[str, PrecisionResult]) -> TrtflowE
                       details=[{p: r.to_dict() for p, r in results.items()}])
 
 
-def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) -> dict:
-    """Publish every passing engine, then the conversion record, latest.json (last) and the status."""
+@dataclass
+class Publication:
+    """What publish_conversion wrote: the engines, the best one and latest.json."""
+
+    best: publish.PublishedEngine
+    engines: Dict[str, str]
+    latest: dict
+    results: Dict[str, str]
+
+
+def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) -> Publication:
+    """Publish every passing engine, then the conversion record and latest.json (last)."""
     passing = [r for r in results.values() if r.passed]
     if not passing:
         raise _no_engine_error(conv.name, results)
@@ -352,7 +362,6 @@ def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) ->
     published = [publish_precision(conv, address, r) for r in passing]
     best = published[0]  # preference order of spec.precisions
     engines = {p.precision: p.engine_key for p in published}
-    outcome_of = {p: r.result for p, r in results.items()}
     conversion = {"name": conv.name, "model_sha256": conv.sha, "target": env.target, "spec_key": address.spec_key,
                   "flow_run_id": conv.run_id, "precisions": {p: r.to_dict() for p, r in results.items()},
                   "engines": engines, "validated_for": conv.target.to_dict(),
@@ -360,17 +369,23 @@ def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) ->
                   "notes": conv.notes, "gpu": env.to_dict()}
     conv_key = publish.write_conversion(conv.storage, address, conversion)
     latest = publish.write_latest(conv.storage, address, best, conversion=conv_key, flow_run_id=conv.run_id)
+    return Publication(best, engines, latest, {p: r.result for p, r in results.items()})
+
+
+def record_published(conv: Conversion, pub: Publication) -> dict:
+    """The published status record (written after the work prefix is gone), artifacts, and the run's summary."""
+    best = pub.best
     publish.write_status(conv.storage, name=conv.name, model_sha=conv.sha, status="published", stage="done",
-                         flow_run_id=conv.run_id, extra={"latest": latest["engine"], "precision": best.precision,
-                                                         "engines": engines, "results": outcome_of})
+                         flow_run_id=conv.run_id, extra={"latest": pub.latest["engine"], "precision": best.precision,
+                                                         "engines": pub.engines, "results": pub.results})
     create_markdown_artifact(key=_artifact_key(conv.name),
-                             markdown=_summary_markdown(conv.name, conv.rows, "published", latest, conv.notes),
+                             markdown=_summary_markdown(conv.name, conv.rows, "published", pub.latest, conv.notes),
                              description=f"{conv.name} conversion summary")
     create_link_artifact(key=_artifact_key(conv.name) + "-engine", link=best.engine_url,
                          link_text=f"{conv.name} {best.precision} engine", description="latest engine")
     get_run_logger().info("published %s: latest is %s (%s)", conv.name, best.engine_key, best.precision)
-    return {"status": "published", "model": conv.name, "model_sha": conv.sha, "engines": engines,
-            "latest": {"precision": best.precision, "engine": best.engine_key}, "results": outcome_of}
+    return {"status": "published", "model": conv.name, "model_sha": conv.sha, "engines": pub.engines,
+            "latest": {"precision": best.precision, "engine": best.engine_key}, "results": pub.results}
 
 
 def cached_summary(conv: Conversion, force: bool) -> Optional[dict]:
@@ -412,10 +427,11 @@ def convert_engines(conv: Conversion) -> dict:
             update_progress_artifact(progress, (i + 1) / len(precisions) * 100)
             if results[precision].passed and conv.spec.strategy == "fallback":
                 break
-        return publish_conversion(conv, results)
+        publication = publish_conversion(conv, results)
     finally:
         for precision in results:
             engine_stage.remove_work(conv.storage, conv.work_prefix(precision))
+    return record_published(conv, publication)
 
 
 def _run_name() -> str:
