@@ -39,6 +39,12 @@ def _convert_run_of(client, name: str):
     return convert[0] if convert else None
 
 
+def _artifacts(client, key: str) -> list:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
 @pytest.mark.skipif(REAL_GPU, reason="starts the GPU test double's worker")
 def test_feedback_without_a_gpu_worker_then_published_when_one_starts(cpu_only_stack):
     from prefect.client.orchestration import SyncPrefectClient
@@ -76,6 +82,9 @@ def test_feedback_without_a_gpu_worker_then_published_when_one_starts(cpu_only_s
                 assert record["stage"] == "spec" and "precisionz" in record["error"]["message"], record
             if name == "good":
                 assert record["message"] == "waiting for a GPU worker (pool gpu has none online)", record
+                artifacts = wait_for(lambda: _artifacts(client, "trtflow-good"), 10, "good's waiting artifact")
+                assert any("waiting for a GPU worker (pool gpu has none online)" in (a.data or "")
+                           for a in artifacts), [a.data for a in artifacts]
 
         stack.add_gpu_worker(cpu_only_stack.state_dir, "0")
         wait_for(lambda: (status("good", good) or {}).get("status") == "published", 120, "good to be published")
