@@ -1,21 +1,22 @@
-"""``convert-model``: one model package in, published engines + manifests + latest.json out.
+"""``convert-model`` (CPU pool): one model package in, published engines + manifests + latest.json out.
 
-fetch -> spec -> validate -> probe GPU -> (cache hit? done) -> reference outputs -> for each precision
-in preference order: [calibrate/quantise] -> engine (GPU subprocess: build, eval run, benchmark) ->
-accuracy gate -> publish passing engines -> conversion record -> latest.json (last) -> status.
+target (GPU worker record or setting) -> fetch -> spec -> validate for the target -> (cache hit? done)
+-> reference outputs -> for each precision in preference order: [calibrate/quantise/FP16 graph] ->
+build-engine (GPU pool: build, eval run, benchmark; through the bucket's work prefix) -> accuracy gate
+-> publish passing engines -> conversion record -> latest.json (last) -> status -> work prefix removed.
 
-The flow composes stages; each stage lives in tasks/. Infrastructure errors are retried by Prefect,
-model errors never: they end in a status record that says how to fix the model or its spec.
+The flow composes stages; each stage lives in tasks/. Infrastructure errors are retried, model
+errors never: they end in a status record that says how to fix the model or its spec.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, \
@@ -24,12 +25,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.logging import get_run_logger
 
+from flows.build import DEPLOYMENT_SETTING, BuildRequest, build_engine
 from flows.params import ConvertRequest
-from tasks import accuracy, engine as engine_stage, publish
-from tasks.errors import InfraError, ModelError, TrtflowError, retry_condition
-from tasks.gpu_client import GpuEnv, probe_gpu
+from flows.workers import Target, target_for_validation
+from tasks import accuracy, engine as engine_stage, precision_inputs, publish
+from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable, retry_condition
+from tasks.gpu_client import GpuEnv
 from tasks.metrics import gate as accuracy_gate
-from tasks.package import LocalPackage, ModelPackage, fetch_package, open_model
+from tasks.package import EngineAddress, LocalPackage, ModelPackage, fetch_package, open_model, parse_model_uri, \
+    work_prefix
 from tasks.spec import ModelSpec, load_spec
 from tasks.validate import validate_model
 
@@ -47,49 +51,25 @@ def load_model_spec(package: LocalPackage, overrides: dict) -> ModelSpec:
     return load_spec(package.spec_path, overrides)
 
 
+def _validate_for_target(package: LocalPackage, spec: ModelSpec, target: Target):
+    """The one call of tasks.validate: switches to ``caps=caps_for_version(...)`` when tasks9's Caps land."""
+    return validate_model(package.model_path, spec, package.root, caps=target.policy())
+
+
 @task(name="validate", **STAGE)
-def validate(package: LocalPackage, spec: ModelSpec):
-    report = validate_model(package.model_path, spec, package.root)
+def validate(package: LocalPackage, spec: ModelSpec, target: Target):
+    report = _validate_for_target(package, spec, target)
     logger = get_run_logger()
+    logger.info("validated for TensorRT %s, the target of %s", target.tensorrt, target.source)
     for line in report.summary_lines():
         logger.info(line)
     if not report.ok:
-        raise ModelError(f"{package.name}: the model failed validation: "
+        raise ModelError(f"{package.name}: the model failed validation for TensorRT {target.tensorrt} "
+                         f"({target.source}): "
                          + "; ".join(e.message for e in report.errors),
                          fix=" ".join(e.fix for e in report.errors if e.fix) or None,
                          details=[e.__dict__ if hasattr(e, "__dict__") else str(e) for e in report.errors])
     return report
-
-
-@task(name="probe-gpu", retries=2, retry_delay_seconds=[5, 30], **STAGE)
-def probe(workdir: Path) -> GpuEnv:
-    return probe_gpu(workdir)
-
-
-@task(name="reference-outputs", **STAGE)
-def reference(package: LocalPackage, spec: ModelSpec, profiles: List[dict]):
-    eval_set = accuracy.eval_inputs(package, spec, package.model_path, profiles)
-    ref = accuracy.reference_outputs(package.model_path, eval_set)
-    ort = accuracy.ort_latency(package.model_path, profiles[0], spec.bench.ort_iterations) if spec.bench.enabled else None
-    return eval_set, ref, ort
-
-
-@task(name="engine", retries=1, retry_delay_seconds=[10], **STAGE)
-def build_engine(storage, env: GpuEnv, spec: ModelSpec, package: LocalPackage, precision: str, profiles: List[dict],
-                 eval_set, workdir: Path) -> engine_stage.EngineOutcome:
-    """Prepare the precision's ONNX (Q/DQ, FP16 graph), then build/run/time it on the GPU."""
-    from flows.gpu_slot import default_gpu_id, gpu_slot
-    from tasks import precision_inputs
-
-    prepared = precision_inputs.prepare(storage, env=env, spec=spec, package=package, precision=precision,
-                                        profiles=profiles, workdir=workdir)
-    with gpu_slot(default_gpu_id(env.gpu_uuid)):
-        outcome = engine_stage.engine_from_onnx(
-            storage, env=env, spec=spec, onnx_path=prepared.onnx_path, precision=precision, profiles=profiles,
-            workdir=workdir, eval_inputs=eval_set.path, int8_mode=prepared.int8_mode,
-            graph_precision=prepared.graph_precision, calibration=prepared.calibrator, model_url=package.source_uri)
-    outcome.response["prepared"] = prepared.record
-    return outcome
 
 
 def _flow_run_id() -> Optional[str]:
@@ -131,7 +111,350 @@ def _row(precision: str, result: str, gate: Optional[dict] = None, outcome=None,
             "speedup": "—" if speed is None else f"{speed:.1f}×", "build": _fmt(build, ".1f")}
 
 
-@flow(name="convert-model", log_prints=False)
+@task(name="target", retries=2, retry_delay_seconds=[2, 10], **STAGE)
+def resolve_target(storage) -> Target:
+    return target_for_validation(storage)
+
+
+@task(name="reference-outputs", **STAGE)
+def reference(package: LocalPackage, spec: ModelSpec, profiles: List[dict]):
+    eval_set = accuracy.eval_inputs(package, spec, package.model_path, profiles)
+    ref = accuracy.reference_outputs(package.model_path, eval_set)
+    ort = accuracy.ort_latency(package.model_path, profiles[0], spec.bench.ort_iterations) if spec.bench.enabled else None
+    return eval_set, ref, ort
+
+
+@task(name="prepare-precision", **STAGE)
+def prepare_precision(storage, target: Target, spec: ModelSpec, package: LocalPackage, precision: str,
+                      profiles: List[dict], workdir: Path) -> precision_inputs.Prepared:
+    """The precision's ONNX for the target TensorRT: the model, its Q/DQ graph or its FP16 graph (CPU)."""
+    return precision_inputs.prepare(storage, tensorrt=target.tensorrt, caps=target.caps, target_key=target.key,
+                                    spec=spec, package=package, precision=precision, profiles=profiles,
+                                    workdir=workdir)
+
+
+@dataclass
+class PrecisionResult:
+    """How one precision ended: ``passed``, ``failed-gate`` or ``failed`` (with the error)."""
+
+    precision: str
+    result: str
+    gate: Optional[dict] = None
+    engine: Optional[dict] = None
+    bench: Optional[dict] = None
+    prepared: Optional[dict] = None
+    layers: Optional[dict] = None
+    gpu_seconds: Optional[float] = None
+    error: Optional[dict] = None
+    outcome: Optional[engine_stage.EngineOutcome] = field(default=None, repr=False)
+    gpu_env: Optional[GpuEnv] = field(default=None, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.result == "passed"
+
+    def to_dict(self) -> dict:
+        """The conversion record's entry (keys as readers of trtflow.conversion/v1 know them)."""
+        out = {"result": self.result}
+        for key in ("gate", "engine", "bench", "prepared", "layers", "gpu_seconds", "error"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    def summary(self) -> str:
+        why = (self.error or {}).get("message", "") + "; ".join((self.gate or {}).get("failures", []))
+        return f"{self.precision}: {self.result} {why}".strip()
+
+
+@dataclass
+class Conversion:
+    """What every stage after validation reads: one conversion's state, passed instead of ten arguments."""
+
+    storage: object
+    package: LocalPackage
+    spec: ModelSpec
+    report: object
+    target: Target
+    workdir: Path
+    run_id: Optional[str]
+    eval_set: object = None
+    reference_npz: Optional[Path] = None
+    ort: Optional[dict] = None
+    notes: List[str] = field(default_factory=list)
+    rows: List[dict] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.package.name
+
+    @property
+    def sha(self) -> str:
+        return self.package.model_sha256
+
+    def work_prefix(self, precision: str) -> str:
+        return work_prefix(self.run_id or f"local-{os.getpid()}-{id(self)}", precision)
+
+
+# ---- build-engine: in this process or on the gpu pool ----------------------------------------
+def gpu_deployment() -> Optional[str]:
+    """The build-engine deployment to start (setting TRTFLOW_GPU_DEPLOYMENT); None runs it in-process."""
+    return os.environ.get(DEPLOYMENT_SETTING) or None
+
+
+def _online_workers(client, pool: str) -> int:
+    from prefect.client.schemas.objects import WorkerStatus
+
+    return sum(1 for w in client.read_workers_for_work_pool(pool) if w.status == WorkerStatus.ONLINE)
+
+
+def _wait_for_child(flow_run_id, deployment: str, on_waiting: Callable[[str], None],
+                    on_started: Callable[[], None], poll_s: float = 1.0):
+    """Poll the child run until it ends; say so once while no worker of its pool is online."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        pool = client.read_deployment_by_name(deployment).work_pool_name or "gpu"
+        waiting = False
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.is_final():
+                return state
+            if state is None or state.is_scheduled() or state.is_pending():
+                if not waiting and _online_workers(client, pool) == 0:
+                    waiting = True
+                    on_waiting(f"waiting for a GPU worker (pool {pool} has none online)")
+            elif waiting and state.is_running():
+                waiting = False
+                on_started()
+            time.sleep(poll_s)  # polling the API: how often, not how long anything takes
+
+
+def run_build(request: BuildRequest, on_waiting: Callable[[str], None], on_started: Callable[[], None]) -> None:
+    """Run build-engine for ``request``: a child run on the gpu pool, or the flow in this process.
+
+    Either way its result (or error) is in the work prefix afterwards; errors are read from there.
+    """
+    from prefect.deployments import run_deployment
+
+    deployment = gpu_deployment()
+    if deployment is None:
+        try:
+            build_engine(request)
+        except TrtflowError:
+            pass  # build-engine wrote it to error.json, where fetch_build_outputs reads it
+        return
+    run = run_deployment(deployment, parameters={"request": request.model_dump()}, timeout=0, as_subflow=True,
+                         flow_run_name=f"{request.name}-{request.precision}")
+    _wait_for_child(run.id, deployment, on_waiting, on_started)
+
+
+def _write_waiting(conv: Conversion, precision: str, message: str) -> None:
+    get_run_logger().warning("%s %s: %s", conv.name, precision, message)
+    publish.write_status(conv.storage, name=conv.name, model_sha=conv.sha, status="waiting",
+                         stage=f"engine-{precision}", flow_run_id=conv.run_id, extra={"message": message})
+    create_markdown_artifact(key=_artifact_key(conv.name), markdown=f"# trtflow: {conv.name} — waiting\n\n"
+                             f"{precision}: {message}. It converts as soon as one starts "
+                             "(`python -m flows.workers gpu --pool gpu`).", description=f"{conv.name}: {message}")
+
+
+def engine_via_gpu_pool(conv: Conversion, precision: str, prepared: precision_inputs.Prepared, attempts: int = 2):
+    """Stage one build's inputs, run build-engine (retrying infrastructure errors), fetch its outputs."""
+    prefix = conv.work_prefix(precision)
+    job = engine_stage.BuildJob(precision=precision, spec=conv.spec.model_dump(mode="json"),
+                                profiles=conv.report.profiles, int8_mode=prepared.int8_mode,
+                                graph_precision=prepared.graph_precision, model_url=conv.package.source_uri)
+    engine_stage.stage_build_inputs(conv.storage, prefix, job, prepared.onnx_path, conv.eval_set.path,
+                                    prepared.calibrator)
+    request = BuildRequest(bucket_uri=conv.storage.uri, work_prefix=prefix, name=conv.name, precision=precision)
+    started = lambda: publish.write_status(conv.storage, name=conv.name, model_sha=conv.sha, status="running",
+                                           stage=f"engine-{precision}", flow_run_id=conv.run_id)
+    for attempt in range(1, attempts + 1):
+        for stale in (engine_stage.ERROR_FILE, engine_stage.RESPONSE_FILE):
+            conv.storage.delete(prefix + stale)
+        run_build(request, lambda msg: _write_waiting(conv, precision, msg), started)
+        try:
+            return engine_stage.fetch_build_outputs(conv.storage, prefix, precision, conv.workdir)
+        except TrtflowError as err:
+            if attempt == attempts or not is_retriable(err):
+                raise
+            get_run_logger().warning("%s %s: %s; retrying (attempt %d)", conv.name, precision, err.message, attempt + 1)
+
+
+# ---- one precision, then publication --------------------------------------------------------
+def convert_precision(conv: Conversion, precision: str) -> PrecisionResult:
+    """Prepare, build (GPU pool), and gate one precision."""
+    try:
+        prepared = prepare_precision(conv.storage, conv.target, conv.spec, conv.package, precision,
+                                     conv.report.profiles, conv.workdir)
+        outcome, gpu_env = engine_via_gpu_pool(conv, precision, prepared)
+    except TrtflowError as err:
+        get_run_logger().warning("%s %s: %s", conv.name, precision, err)
+        conv.rows.append(_row(precision, "failed: " + err.message[:80]))
+        return PrecisionResult(precision, "failed", error=err.to_dict())
+    metrics = accuracy.compare_npz(conv.reference_npz, outcome.eval_outputs)
+    gate = accuracy_gate(metrics, conv.spec.tolerance(precision))
+    gate_dict = gate.to_dict()
+    if prepared.record.get("synthetic_calibration"):
+        conv.notes.append(f"{precision}: calibrated on synthetic data (calibration.synthetic: true): INT8 accuracy "
+                          "is not representative")
+    result = PrecisionResult(precision, "passed" if gate else "failed-gate", gate=gate_dict, engine=outcome.engine,
+                             bench=outcome.response.get("bench"), prepared=prepared.record,
+                             layers=outcome.response.get("layers"), gpu_seconds=round(outcome.seconds, 3),
+                             outcome=outcome, gpu_env=gpu_env)
+    conv.rows.append(_row(precision, "passed" if gate else "failed gate", gate_dict, outcome, conv.ort))
+    if not gate:
+        get_run_logger().warning("%s %s failed its accuracy gate: %s", conv.name, precision, "; ".join(gate.failures))
+    return result
+
+
+def publish_precision(conv: Conversion, address: EngineAddress, r: PrecisionResult) -> publish.PublishedEngine:
+    manifest = publish.build_manifest(
+        name=conv.name, package=conv.package, spec=conv.spec, gpu_env=r.gpu_env.to_dict(), precision=r.precision,
+        engine=r.engine or {}, accuracy=(r.gate or {}).get("metrics", {}), gate=r.gate or {}, bench=r.bench,
+        ort_bench=conv.ort, calibration=r.prepared or None, validation=_validation_record(conv),
+        build_options=conv.spec.build.model_dump(mode="json"), flow_run_id=conv.run_id, spec_key=address.spec_key,
+        layers=r.layers, timing_cache=r.outcome.response.get("timing_cache"))
+    manifest["eval"] = {"synthetic": conv.eval_set.synthetic, "samples": conv.eval_set.samples}
+    return publish.publish_engine(conv.storage, address, r.precision, files=r.outcome.files, manifest=manifest)
+
+
+def _validation_record(conv: Conversion) -> dict:
+    return dict(conv.report.to_dict(), target=conv.target.to_dict())
+
+
+def _no_engine_error(name: str, results: Dict[str, PrecisionResult]) -> TrtflowError:
+    infra = [r for r in results.values() if (r.error or {}).get("kind") == "infra"]
+    error_type = InfraError if infra and len(infra) == len(results) else ModelError
+    fixes = list(dict.fromkeys((r.error or {}).get("fix") for r in results.values() if (r.error or {}).get("fix")))
+    return error_type(f"{name}: no precision passed its accuracy gate or built: "
+                      + "; ".join(r.summary() for r in results.values()),
+                      fix=" ".join(fixes) or "Loosen the tolerances for a precision, add fp32 to precisions, or fix "
+                                             "the error named.",
+                      details=[{p: r.to_dict() for p, r in results.items()}])
+
+
+@dataclass
+class Publication:
+    """What publish_conversion wrote: the engines, the best one and latest.json."""
+
+    best: publish.PublishedEngine
+    engines: Dict[str, str]
+    latest: dict
+    results: Dict[str, str]
+
+
+def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) -> Publication:
+    """Publish every passing engine, then the conversion record and latest.json (last)."""
+    passing = [r for r in results.values() if r.passed]
+    if not passing:
+        raise _no_engine_error(conv.name, results)
+    env = passing[0].gpu_env
+    address = EngineAddress(conv.name, conv.sha, env.target, conv.spec.build_key())
+    published = [publish_precision(conv, address, r) for r in passing]
+    best = published[0]  # preference order of spec.precisions
+    engines = {p.precision: p.engine_key for p in published}
+    conversion = {"name": conv.name, "model_sha256": conv.sha, "target": env.target, "spec_key": address.spec_key,
+                  "flow_run_id": conv.run_id, "precisions": {p: r.to_dict() for p, r in results.items()},
+                  "engines": engines, "validated_for": conv.target.to_dict(),
+                  "latest": {"precision": best.precision, "engine": best.engine_key, "manifest": best.manifest_key},
+                  "notes": conv.notes, "gpu": env.to_dict()}
+    conv_key = publish.write_conversion(conv.storage, address, conversion)
+    latest = publish.write_latest(conv.storage, address, best, conversion=conv_key, flow_run_id=conv.run_id)
+    return Publication(best, engines, latest, {p: r.result for p, r in results.items()})
+
+
+def record_published(conv: Conversion, pub: Publication) -> dict:
+    """The published status record (written after the work prefix is gone), artifacts, and the run's summary."""
+    best = pub.best
+    publish.write_status(conv.storage, name=conv.name, model_sha=conv.sha, status="published", stage="done",
+                         flow_run_id=conv.run_id, extra={"latest": pub.latest["engine"], "precision": best.precision,
+                                                         "engines": pub.engines, "results": pub.results})
+    create_markdown_artifact(key=_artifact_key(conv.name),
+                             markdown=_summary_markdown(conv.name, conv.rows, "published", pub.latest, conv.notes),
+                             description=f"{conv.name} conversion summary")
+    create_link_artifact(key=_artifact_key(conv.name) + "-engine", link=best.engine_url,
+                         link_text=f"{conv.name} {best.precision} engine", description="latest engine")
+    get_run_logger().info("published %s: latest is %s (%s)", conv.name, best.engine_key, best.precision)
+    return {"status": "published", "model": conv.name, "model_sha": conv.sha, "engines": pub.engines,
+            "latest": {"precision": best.precision, "engine": best.engine_key}, "results": pub.results}
+
+
+def cached_summary(conv: Conversion, force: bool) -> Optional[dict]:
+    """The earlier conversion for this model, spec and known target, unless forced (cache hit)."""
+    if force or conv.target.key is None:  # no GPU worker recorded: the engine's target is not known yet
+        return None
+    address = EngineAddress(conv.name, conv.sha, conv.target.key, conv.spec.build_key())
+    cached = publish.read_conversion(conv.storage, address)
+    if not (cached and cached.get("latest")):
+        return None
+    publish.write_status(conv.storage, name=conv.name, model_sha=conv.sha, status="cached", stage="done",
+                         flow_run_id=conv.run_id, extra={"conversion": cached.get("key"),
+                                                         "cached_from": cached.get("flow_run_id")})
+    create_markdown_artifact(key=_artifact_key(conv.name), markdown=f"# trtflow: {conv.name} — cached\n\n"
+                             f"Engine for model {conv.sha[:12]}, spec {address.spec_key}, {address.target} already "
+                             f"published by flow run {cached.get('flow_run_id')}: `{cached['latest']['engine']}`."
+                             " Pass force=true to rebuild.", description="cache hit")
+    get_run_logger().info("cache hit: %s already converted for %s (spec %s)", conv.name, address.target,
+                          address.spec_key)
+    return {"status": "cached", "model": conv.name, "model_sha": conv.sha, "engines": cached.get("engines", {}),
+            "latest": cached.get("latest")}
+
+
+def convert_engines(conv: Conversion) -> dict:
+    """Reference outputs, then each precision in preference order, then publication."""
+    publish.write_status(conv.storage, name=conv.name, model_sha=conv.sha, status="running", stage="reference",
+                         flow_run_id=conv.run_id)
+    conv.eval_set, conv.reference_npz, conv.ort = reference(conv.package, conv.spec, conv.report.profiles)
+    if conv.eval_set.synthetic:
+        conv.notes.append("eval inputs are synthetic (no eval/ data in the package): accuracy numbers are not "
+                          "representative")
+    progress = create_progress_artifact(progress=0.0, key=_artifact_key(conv.name) + "-progress",
+                                        description=f"{conv.name}: engines built")
+    precisions = [str(p) for p in conv.spec.precisions]
+    results: Dict[str, PrecisionResult] = {}
+    try:
+        for i, precision in enumerate(precisions):
+            results[precision] = convert_precision(conv, precision)
+            update_progress_artifact(progress, (i + 1) / len(precisions) * 100)
+            if results[precision].passed and conv.spec.strategy == "fallback":
+                break
+        publication = publish_conversion(conv, results)
+    finally:
+        for precision in results:
+            engine_stage.remove_work(conv.storage, conv.work_prefix(precision))
+    return record_published(conv, publication)
+
+
+def _run_name() -> str:
+    """convert-model runs are named after their model ("resnet50")."""
+    from prefect.runtime import flow_run
+
+    request = flow_run.parameters.get("request") or {}
+    uri = request.get("model_uri") if isinstance(request, dict) else getattr(request, "model_uri", "")
+    try:
+        return parse_model_uri(uri).name
+    except (TrtflowError, TypeError, ValueError):
+        return "convert-model"
+
+
+def _new_workdir() -> Path:
+    base = os.environ.get("TRTFLOW_WORKDIR")
+    if base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="trtflow-", dir=base))
+
+
+def _record_failure(storage, name: str, sha: str, stage: str, err: Exception, run_id: Optional[str]) -> None:
+    try:
+        publish.write_status(storage, name=name, model_sha=sha, status="failed", stage=stage, error=err,
+                             flow_run_id=run_id)
+    except TrtflowError as status_err:  # the bucket itself is unreachable; keep the original error
+        get_run_logger().error("could not write the status record: %s", status_err)
+    create_markdown_artifact(key=_artifact_key(name), markdown=f"# trtflow: {name} — failed at {stage}\n\n{err}",
+                             description=f"{name} conversion failed")
+
+
+@flow(name="convert-model", flow_run_name=_run_name, log_prints=False)
 def convert_model(request: ConvertRequest) -> dict:
     """Convert one model package into TensorRT engines and publish the best one as latest.
 
@@ -139,130 +462,23 @@ def convert_model(request: ConvertRequest) -> dict:
     """
     if isinstance(request, dict):
         request = ConvertRequest(**request)
-    logger = get_run_logger()
     run_id = _flow_run_id()
-    base = os.environ.get("TRTFLOW_WORKDIR")
-    if base:
-        Path(base).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="trtflow-", dir=base))
+    workdir = _new_workdir()
     storage, pkg = open_model(request.model_uri)  # a bad URI fails here, before anything can be recorded
-    name, sha, stage = pkg.name, "", "fetch"
+    sha, stage = "", "target"
     try:
+        target = resolve_target(storage)
+        stage = "fetch"
         package = fetch_model(storage, pkg, workdir)
-        sha = package.model_sha256
-        stage = "spec"
+        sha, stage = package.model_sha256, "spec"
         spec = load_model_spec(package, request.spec_overrides())
         stage = "validate"
-        report = validate(package, spec)
-        stage = "gpu-probe"
-        env = probe(workdir)
-        spec_key = spec.build_key()
-        if not request.force:
-            cached = publish.read_conversion(storage, name=name, model_sha=sha, target=env.target, spec_key=spec_key)
-            if cached and cached.get("latest"):
-                publish.write_status(storage, name=name, model_sha=sha, status="cached", stage="done",
-                                     flow_run_id=run_id, extra={"conversion": cached.get("key"),
-                                                                "cached_from": cached.get("flow_run_id")})
-                create_markdown_artifact(key=_artifact_key(name), markdown=f"# trtflow: {name} — cached\n\n"
-                                         f"Engine for model {sha[:12]}, spec {spec_key}, {env.target} already "
-                                         f"published by flow run {cached.get('flow_run_id')}: `{cached['latest']['engine']}`."
-                                         " Pass force=true to rebuild.", description="cache hit")
-                logger.info("cache hit: %s already converted for %s (spec %s)", name, env.target, spec_key)
-                return {"status": "cached", "model": name, "model_sha": sha, "engines": cached.get("engines", {}),
-                        "latest": cached.get("latest")}
-        publish.write_status(storage, name=name, model_sha=sha, status="running", stage="reference", flow_run_id=run_id)
-        stage = "reference"
-        profiles = report.profiles  # the spec's, completed and checked by validation
-        eval_set, reference_npz, ort = reference(package, spec, profiles)
-        notes = []
-        if eval_set.synthetic:
-            notes.append("eval inputs are synthetic (no eval/ data in the package): accuracy numbers are not representative")
-        progress = create_progress_artifact(progress=0.0, key=_artifact_key(name) + "-progress",
-                                            description=f"{name}: engines built")
-        results: Dict[str, dict] = {}
-        rows, published = [], []
-        precisions = [str(p) for p in spec.precisions]
-        for i, precision in enumerate(precisions):
-            stage = f"engine-{precision}"
-            try:
-                outcome = build_engine(storage, env, spec, package, precision, profiles, eval_set, workdir)
-            except TrtflowError as err:
-                logger.warning("%s %s: %s", name, precision, err)
-                results[precision] = {"result": "failed", "error": err.to_dict()}
-                rows.append(_row(precision, "failed: " + err.message[:80]))
-                update_progress_artifact(progress, (i + 1) / len(precisions) * 100)
-                continue
-            metrics = accuracy.compare_npz(reference_npz, outcome.eval_outputs)
-            gate = accuracy_gate(metrics, spec.tolerance(precision))
-            gate_dict = gate.to_dict()
-            passed = bool(gate)
-            prepared = outcome.response.get("prepared") or {}
-            if prepared.get("synthetic_calibration"):
-                notes.append(f"{precision}: calibrated on synthetic data (calibration.synthetic: true): INT8 accuracy "
-                             "is not representative")
-            results[precision] = {"result": "passed" if passed else "failed-gate", "gate": gate_dict,
-                                  "engine": outcome.engine, "bench": outcome.response.get("bench"),
-                                  "prepared": prepared, "layers": outcome.response.get("layers"),
-                                  "gpu_seconds": round(outcome.seconds, 3)}
-            rows.append(_row(precision, "passed" if passed else "failed gate", gate_dict, outcome, ort))
-            if passed:
-                manifest = publish.build_manifest(
-                    name=name, package=package, spec=spec, gpu_env=env.to_dict(), precision=precision,
-                    engine=outcome.engine, accuracy=gate_dict.get("metrics", {}), gate=gate_dict,
-                    bench=outcome.response.get("bench"), ort_bench=ort, calibration=prepared or None,
-                    validation=report.to_dict(), build_options=spec.build.model_dump(mode="json"),
-                    flow_run_id=run_id, spec_key=spec_key, layers=outcome.response.get("layers"),
-                    timing_cache=outcome.response.get("timing_cache"))
-                manifest["eval"] = {"synthetic": eval_set.synthetic, "samples": eval_set.samples}
-                published.append(publish.publish_engine(storage, name=name, model_sha=sha, target=env.target,
-                                                        spec_key=spec_key, precision=precision,
-                                                        files=outcome.files, manifest=manifest))
-            else:
-                logger.warning("%s %s failed its accuracy gate: %s", name, precision, "; ".join(gate.failures))
-            update_progress_artifact(progress, (i + 1) / len(precisions) * 100)
-            if passed and spec.strategy == "fallback":
-                break
-        stage = "publish"
-        if not published:
-            infra = [r["error"] for r in results.values() if (r.get("error") or {}).get("kind") == "infra"]
-            error_type = InfraError if infra and len(infra) == len(results) else ModelError
-            raise error_type(f"{name}: no precision passed its accuracy gate or built: "
-                             + "; ".join(f"{p}: {r.get('result')} {(r.get('error') or {}).get('message', '')}"
-                                         f"{'; '.join((r.get('gate') or {}).get('failures', []))}"
-                                         for p, r in results.items()),
-                             fix="Loosen the tolerances for a precision, add fp32 to precisions, or fix the error named.",
-                             details=[results])
-        best = published[0]  # preference order of spec.precisions
-        engines = {p.precision: p.engine_key for p in published}
-        conversion = {"name": name, "model_sha256": sha, "target": env.target, "spec_key": spec_key,
-                      "flow_run_id": run_id, "precisions": results, "engines": engines,
-                      "latest": {"precision": best.precision, "engine": best.engine_key, "manifest": best.manifest_key},
-                      "notes": notes, "gpu": env.to_dict()}
-        conv_key = publish.write_conversion(storage, name=name, model_sha=sha, target=env.target, spec_key=spec_key,
-                                            record=conversion)
-        latest = publish.write_latest(storage, name=name, model_sha=sha, target=env.target, best=best,
-                                      conversion=conv_key, flow_run_id=run_id)
-        publish.write_status(storage, name=name, model_sha=sha, status="published", stage="done", flow_run_id=run_id,
-                             extra={"latest": latest["engine"], "precision": best.precision, "engines": engines,
-                                    "results": {p: r["result"] for p, r in results.items()}})
-        create_markdown_artifact(key=_artifact_key(name), markdown=_summary_markdown(name, rows, "published", latest, notes),
-                                 description=f"{name} conversion summary")
-        create_link_artifact(key=_artifact_key(name) + "-engine", link=best.engine_url,
-                             link_text=f"{name} {best.precision} engine", description="latest engine")
-        logger.info("published %s: latest is %s (%s)", name, best.engine_key, best.precision)
-        return {"status": "published", "model": name, "model_sha": sha, "engines": engines,
-                "latest": {"precision": best.precision, "engine": best.engine_key}, "results": {
-                    p: r["result"] for p, r in results.items()}}
-    except BaseException as err:
-        if not isinstance(err, Exception):
-            raise  # KeyboardInterrupt / cancellation: nothing to record
-        try:
-            publish.write_status(storage, name=name, model_sha=sha, status="failed", stage=stage, error=err,
-                                 flow_run_id=run_id)
-        except TrtflowError as status_err:  # the bucket itself is unreachable; keep the original error
-            logger.error("could not write the status record: %s", status_err)
-        create_markdown_artifact(key=_artifact_key(name), markdown=f"# trtflow: {name} — failed at {stage}\n\n{err}",
-                                 description=f"{name} conversion failed")
+        report = validate(package, spec, target)
+        conv = Conversion(storage, package, spec, report, target, workdir, run_id)
+        stage = "engines"
+        return cached_summary(conv, request.force) or convert_engines(conv)
+    except Exception as err:  # KeyboardInterrupt / cancellation pass: nothing to record
+        _record_failure(storage, pkg.name, sha, stage, err, run_id)
         raise
     finally:
         if not os.environ.get("TRTFLOW_KEEP_WORKDIR"):

@@ -1,10 +1,11 @@
 """One TensorRT build per GPU at a time, across every worker and host.
 
-Each physical GPU gets a Prefect global concurrency limit ``gpu-<id>`` with one slot. The convert
-flow holds that slot around its GPU stage, so two workers that happen to point at the same GPU
-(a mis-set ``CUDA_VISIBLE_DEVICES``, a second worker started by hand) queue instead of building
-side by side and running each other out of memory. Workers' ``--limit 1`` bounds runs per worker;
-this bounds builds per GPU, which is what the hardware cares about.
+Each physical GPU gets a Prefect global concurrency limit ``gpu-<id>`` with one slot. The
+build-engine flow (flows/build.py) holds that slot around its GPU subprocess, so two workers that
+happen to point at the same GPU (a mis-set ``CUDA_VISIBLE_DEVICES``, a second worker started by
+hand) queue instead of building side by side and running each other out of memory. Workers'
+``--limit 1`` bounds runs per worker; this bounds builds per GPU, which is what the hardware cares
+about.
 
 Prefect (3.9) enforces a global limit only if it exists, so :func:`ensure_gpu_limit` creates it
 (race-safe: the name is unique on the server) and the slot is taken with ``strict=True``, so a

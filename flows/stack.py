@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -375,10 +376,11 @@ def _spawn_gpu_worker(gpu: str, worker_env: dict, logs: Path, code_dir: Path, pr
     while f"worker-{name}" in taken:  # a second worker on the same GPU (allowed; gpu_slot serialises them)
         n += 1
         name = f"gpu{gpu}-{host}-{n}"
-    # --limit 1: a worker never runs two conversions; gpu_slot guards the GPU itself.
-    return _spawn(f"worker-{name}", prefect_command() + [
-        "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1", "--name", name],
-        dict(worker_env, CUDA_VISIBLE_DEVICES=str(gpu)), logs, code_dir)
+    # flows.workers records the worker's TensorRT/GPU probe in the bucket, then execs `prefect worker
+    # start`. --limit 1: a worker never runs two builds; gpu_slot guards the GPU itself.
+    return _spawn(f"worker-{name}", [sys.executable, "-m", "flows.workers", "gpu", "--pool", "gpu", "--limit", "1",
+                                     "--name", name],
+                  dict(worker_env, CUDA_VISIBLE_DEVICES=str(gpu)), logs, code_dir)
 
 
 def add_gpu_worker(state_dir: Path, gpu: str, timeout_s: float = 120.0) -> Proc:

@@ -20,6 +20,8 @@ from tasks.watch_state import package_fingerprint
 MODELS_PREFIX = "models/"
 ENGINES_PREFIX = "engines/"
 STATUS_PREFIX = "_trtflow/status/"
+WORK_PREFIX = "_trtflow/work/"
+WORKERS_PREFIX = "_trtflow/workers/"
 CACHE_PREFIX = "_trtflow/"
 FOLDER_MODEL = "model.onnx"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -33,6 +35,44 @@ def check_name(name: str) -> str:
 
 
 # ---- keys of the bucket convention -------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineAddress:
+    """Where one conversion's engines live: model name, model sha, GPU/TensorRT target, spec key.
+
+    The four always travel together (publish, cache hit, latest.json); one object keeps them in step.
+    """
+
+    name: str
+    model_sha: str
+    target: str  # "sm_90-trt8.6.0"
+    spec_key: str
+
+    @property
+    def prefix(self) -> str:
+        return conversion_prefix(self.name, self.model_sha, self.target, self.spec_key)
+
+    @property
+    def conversion_key(self) -> str:
+        return conversion_key(self.name, self.model_sha, self.target, self.spec_key)
+
+    def engine_prefix(self, precision: str) -> str:
+        return engine_prefix(self.name, self.model_sha, self.target, self.spec_key, precision)
+
+
+def work_prefix(flow_run_id: str, precision: str) -> str:
+    """``_trtflow/work/<convert-model run id>/<precision>/``: one GPU build's inputs and outputs.
+
+    convert-model writes the build's inputs there, the build-engine flow (maybe on another host)
+    writes its outputs beside them, and convert-model removes the whole prefix when it is done.
+    """
+    return f"{WORK_PREFIX}{check_name(flow_run_id)}/{precision}/"
+
+
+def worker_key(worker_id: str) -> str:
+    """``_trtflow/workers/<worker id>.json``: what a GPU worker's TensorRT and GPU are (its probe)."""
+    return f"{WORKERS_PREFIX}{check_name(worker_id)}.json"
+
+
 def conversion_prefix(name: str, model_sha: str, target: str, spec_key: str) -> str:
     """``engines/<name>/<sha[:12]>/<sm_XX>-trt<version>/<spec key>/``; ``target`` is ``sm_90-trt8.6.0``.
 

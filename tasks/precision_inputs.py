@@ -9,7 +9,6 @@ from typing import List, Optional
 
 from tasks.errors import ModelError
 from tasks.gpu import compat
-from tasks.gpu_client import GpuEnv
 from tasks.package import LocalPackage
 from tasks.spec import ModelSpec
 from tasks.storage import Storage
@@ -24,15 +23,21 @@ class Prepared:
     record: dict = field(default_factory=dict)  # what the manifest says about calibration
 
 
-def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPackage, precision: str,
-            profiles: List[dict], workdir: Path) -> Prepared:
-    """Make the inputs of one precision's engine build.
+def prepare(storage: Storage, *, tensorrt: str, caps: dict, target_key: Optional[str], spec: ModelSpec,
+            package: LocalPackage, precision: str, profiles: List[dict], workdir: Path) -> Prepared:
+    """Make the inputs of one precision's engine build, for the target TensorRT (on the CPU pool).
+
+    Args:
+        tensorrt: the target TensorRT version ("8.6.1", "10.8"), a GPU worker's or the setting's.
+        caps: that worker's capabilities (tasks/gpu/compat.py Caps as a dict); {} when no worker is
+            known, which keeps the defaults (FP16 flag, implicit calibrator) of TensorRT <= 10.
+        target_key: ``sm_XX-trtVER`` of that worker, for the calibrator cache (None: no cache reuse).
 
     Raises:
         ModelError: INT8 without calibration data (and without ``calibration.synthetic: true``), the
             implicit calibrator on a TensorRT without it, a Q/DQ graph TensorRT would reject.
     """
-    caps = env.caps or {}
+    caps = caps or {}
     if precision == "fp16" and caps and compat.fp16_from_graph(compat.Caps.from_dict(caps)):
         # TensorRT 11 has no FP16 builder flag: FP16 must come from the graph itself.
         from tasks.fp16 import fp16_graph_from_onnx
@@ -46,7 +51,7 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
     mode = spec.calibration.mode
     if mode == "calibrator" and caps and not compat.calibrator_available(compat.Caps.from_dict(caps)):
         raise ModelError(f"calibration.mode 'calibrator' needs TensorRT's implicit INT8 calibrator, which TensorRT "
-                         f"{env.tensorrt} no longer has.", fix="Use calibration.mode: qdq (explicit quantisation).")
+                         f"{tensorrt} no longer has.", fix="Use calibration.mode: qdq (explicit quantisation).")
     folder = package.data_dir(spec.calibration.data)
     data = calibration.load_calibration_data(folder, spec, calibration.inputs_from_onnx(package.model_path),
                                              profiles=profiles)
@@ -61,18 +66,19 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
         from tasks.engine import calibrator_cache
 
         cache_in, key = calibrator_cache(storage, name=package.name, model_sha=package.model_sha256,
-                                         data_sha=data.sha256, env=env, workdir=workdir)
+                                         data_sha=data.sha256, target=target_key,
+                                         workdir=workdir)
         cache_out = Path(workdir) / "calibration.cache"
         record.update(cache_key=key, cache_reused=cache_in is not None, batches=len(batches))
         return Prepared(package.model_path, int8_mode="calibrator",
                         calibrator={"batches": [str(b) for b in batches], "cache_in": str(cache_in) if cache_in else None,
                                     "cache_out": str(cache_out), "cache_key": key},
                         record=record)
-    key = quantize.qdq_cache_key(package.name, package.model_sha256, data.sha256, spec, tensorrt=env.tensorrt)
+    key = quantize.qdq_cache_key(package.name, package.model_sha256, data.sha256, spec, tensorrt=tensorrt)
     qdq_path = Path(workdir) / "model.qdq.onnx"
     reused = quantize.fetch_cached_qdq(storage, key, qdq_path)
     if not reused:
-        result = quantize.qdq_model_from_calibration(package.model_path, data, spec, qdq_path, tensorrt=env.tensorrt)
+        result = quantize.qdq_model_from_calibration(package.model_path, data, spec, qdq_path, tensorrt=tensorrt)
         quantize.store_cached_qdq(storage, key, qdq_path, result)
         record.update(backend=result.backend, qdq_nodes=result.qdq_nodes, excluded=result.excluded_nodes)
     problems = quantize.check_qdq_structure(qdq_path)

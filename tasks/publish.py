@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from tasks.errors import TrtflowError
-from tasks.package import conversion_key, engine_prefix, latest_key, status_key
+from tasks.package import EngineAddress, latest_key, status_key
 from tasks.storage import Storage
 
 MANIFEST_SCHEMA = "trtflow.manifest/v1"
@@ -92,15 +92,15 @@ def build_manifest(*, name: str, package, spec, gpu_env: dict, precision: str, e
     }
 
 
-def publish_engine(storage: Storage, *, name: str, model_sha: str, target: str, spec_key: str, precision: str,
-                   files: Dict[str, Path], manifest: dict) -> PublishedEngine:
+def publish_engine(storage: Storage, address: EngineAddress, precision: str, files: Dict[str, Path],
+                   manifest: dict) -> PublishedEngine:
     """Upload an engine's files, then its manifest (content-addressed by model sha, target and spec).
 
     Args:
         files: bucket file name -> local path; must hold ``model.plan``; may hold build.log,
             layers.json, reproduce.sh, request.json.
     """
-    prefix = engine_prefix(name, model_sha, target, spec_key, precision)
+    prefix = address.engine_prefix(precision)
     for fname, path in sorted(files.items(), key=lambda kv: kv[0] != "model.plan"):
         if path is not None and Path(path).exists():
             storage.upload(Path(path), prefix + fname)
@@ -110,31 +110,31 @@ def publish_engine(storage: Storage, *, name: str, model_sha: str, target: str, 
                            storage.url(prefix + "model.plan"), manifest)
 
 
-def write_conversion(storage: Storage, *, name: str, model_sha: str, target: str, spec_key: str, record: dict) -> str:
-    key = conversion_key(name, model_sha, target, spec_key)
+def write_conversion(storage: Storage, address: EngineAddress, record: dict) -> str:
+    key = address.conversion_key
     storage.write_json(key, dict(record, key=key, schema=CONVERSION_SCHEMA, written_at=now()))
     return key
 
 
-def read_conversion(storage: Storage, *, name: str, model_sha: str, target: str, spec_key: str) -> Optional[dict]:
+def read_conversion(storage: Storage, address: EngineAddress) -> Optional[dict]:
     """The finished conversion for this exact model, spec, TensorRT and GPU, if one exists (cache hit)."""
-    return storage.read_json(conversion_key(name, model_sha, target, spec_key))
+    return storage.read_json(address.conversion_key)
 
 
-def write_latest(storage: Storage, *, name: str, model_sha: str, target: str, best: PublishedEngine,
-                 conversion: str, flow_run_id: Optional[str]) -> dict:
+def write_latest(storage: Storage, address: EngineAddress, best: PublishedEngine, conversion: str,
+                 flow_run_id: Optional[str]) -> dict:
     """Point ``latest.json`` at the best engine for ``target``, keeping other targets' entries.
 
     Written last. Readers pick their GPU/TensorRT target; ``default`` is the newest target written.
     """
-    key = latest_key(name)
+    key = latest_key(address.name)
     current = storage.read_json(key) or {}
     targets = dict(current.get("targets") or {})
-    entry = {"model_sha256": model_sha, "precision": best.precision, "engine": best.engine_key,
+    entry = {"model_sha256": address.model_sha, "precision": best.precision, "engine": best.engine_key,
              "manifest": best.manifest_key, "conversion": conversion, "flow_run_id": flow_run_id,
              "published_at": now()}
-    targets[target] = entry
-    latest = {"schema": LATEST_SCHEMA, "name": name, "default": target, "targets": targets, **entry}
+    targets[address.target] = entry
+    latest = {"schema": LATEST_SCHEMA, "name": address.name, "default": address.target, "targets": targets, **entry}
     storage.write_json(key, latest)
     return latest
 
@@ -142,7 +142,10 @@ def write_latest(storage: Storage, *, name: str, model_sha: str, target: str, be
 def write_status(storage: Storage, *, name: str, model_sha: str, status: str, stage: Optional[str] = None,
                  error: Optional[BaseException] = None, flow_run_id: Optional[str] = None,
                  extra: Optional[dict] = None) -> str:
-    """Record how a conversion ended (``published``, ``cached``, ``failed``, ``running``)."""
+    """Record where a conversion stands (``running``, ``waiting``, ``published``, ``cached``, ``failed``).
+
+    ``waiting`` carries a ``message`` (e.g. "waiting for a GPU worker (pool gpu has none online)").
+    """
     record = {"schema": STATUS_SCHEMA, "name": name, "model_sha256": model_sha, "status": status, "stage": stage,
               "flow_run_id": flow_run_id, "updated_at": now()}
     if error is not None:

@@ -4,6 +4,7 @@ It lets the flows run end to end on a CPU machine. The "engine" it writes is the
 header that says so; its benchmark times onnxruntime on the CPU. Knobs (environment):
   TRTFLOW_DOUBLE_FAIL=crash|model|oom     fail every engine call that way
   TRTFLOW_DOUBLE_NOISE_<PRECISION>=0.5    add that much relative noise to that precision's outputs
+  TRTFLOW_DOUBLE_TRT_VERSION=10.8.0       the TensorRT version its probe reports (default 0.0.0-double)
   TRTFLOW_DOUBLE_TRACE=<file>             append "<verb> <precision> <start> <end>" lines (concurrency tests)
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 DOUBLE_HEADER = b"TRTFLOW TEST DOUBLE ENGINE - not a TensorRT plan\n"
-ENV = {"tensorrt": "0.0.0-double", "gpu": "trtflow test double (no GPU)", "compute_capability": "0.0",
+ENV = {"tensorrt": os.environ.get("TRTFLOW_DOUBLE_TRT_VERSION") or "0.0.0-double", "gpu": "trtflow test double (no GPU)", "compute_capability": "0.0",
        "driver": "none", "cuda_runtime": "none", "python": sys.version.split()[0], "interpreter": sys.executable,
        "gpu_uuid": os.environ.get("CUDA_VISIBLE_DEVICES", "double-0"), "memory_total_mib": 0,
        "caps": {"fp16_flag": True, "int8_flag": True, "int8_calibrator": True, "strongly_typed": False,

@@ -9,7 +9,9 @@ import os
 import socket
 import time
 import uuid
-from typing import Callable, Iterator, Optional
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
 
 import pytest
 
@@ -52,25 +54,29 @@ def wait_for(condition: Callable[[], Optional[object]], timeout_s: float, what: 
         time.sleep(every_s)  # waiting for a condition, not timing anything
 
 
-@pytest.fixture(scope="session")
-def e2e_stack(_moto_server_endpoint: str, tmp_path_factory) -> Iterator[stack.StackInfo]:
+@contextmanager
+def running_stack(moto_endpoint: str, state: Path, gpus: Optional[List[str]] = None) -> Iterator[stack.StackInfo]:
+    """`trtflow up` on a fresh moto bucket (GPU stage: the test double unless REAL_GPU); `down` after.
+
+    ``gpus=[]`` starts no GPU worker (``stack.add_gpu_worker`` adds one later); None detects them.
+    """
     import boto3
 
-    state = tmp_path_factory.mktemp("trtflow-stack")
     bucket = f"e2e-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=_moto_server_endpoint, region_name="us-east-1",
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
                  aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)
     mp = pytest.MonkeyPatch()
     for key, value in E2E_ENV.items():
         mp.setenv(key, value)
     for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "PREFECT_API_URL", "TRTFLOW_GPUS",
-                "TRTFLOW_BUCKET", "PREFECT_API_DATABASE_CONNECTION_URL"):
+                "TRTFLOW_BUCKET", "PREFECT_API_DATABASE_CONNECTION_URL", "TRTFLOW_GPU_DEPLOYMENT",
+                "TRTFLOW_TARGET_TRT"):
         mp.delenv(var, raising=False)
-    mp.setenv("TRTFLOW_S3_ENDPOINT_URL", _moto_server_endpoint)
+    mp.setenv("TRTFLOW_S3_ENDPOINT_URL", moto_endpoint)
     if not REAL_GPU:
         mp.setenv("TRT_PYTHON", str(make_trt_python_double(state / "double")))
     started = time.monotonic()
-    info = stack.up(stack.StackOptions(state_dir=state, port=free_port(), bucket=f"s3://{bucket}",
+    info = stack.up(stack.StackOptions(state_dir=state, port=free_port(), bucket=f"s3://{bucket}", gpus=gpus,
                                        watch_interval=WATCH_INTERVAL, settle_seconds=SETTLE_SECONDS))
     info.__dict__["startup_s"] = time.monotonic() - started
     try:
@@ -80,6 +86,12 @@ def e2e_stack(_moto_server_endpoint: str, tmp_path_factory) -> Iterator[stack.St
         mp.undo()
         assert any(s.startswith("server") for s in stopped), stopped
         assert stack.status(state) is None
+
+
+@pytest.fixture(scope="session")
+def e2e_stack(_moto_server_endpoint: str, tmp_path_factory) -> Iterator[stack.StackInfo]:
+    with running_stack(_moto_server_endpoint, tmp_path_factory.mktemp("trtflow-stack")) as info:
+        yield info
 
 
 @pytest.fixture(scope="session")

@@ -36,17 +36,20 @@ def _cli(args, env, timeout):
 
 
 def _gpu_seconds(api_url: str, flow_run_id: str) -> float:
-    """Seconds the run held its GPU build slot (from its logs in the Prefect API)."""
+    """Seconds the run's build-engine child runs held their GPU build slot (from their logs in the Prefect API)."""
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, \
+        LogFilterFlowRunId
 
     def holds():
         with SyncPrefectClient(api_url) as client:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                    limit=200)
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+            run_ids = [flow_run_id] + [c.id for c in children]
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids)), limit=200)
         opened, total, n = {}, 0.0, 0
         for log in sorted(logs, key=lambda lg: lg.timestamp):
-            key = str(log.task_run_id)
+            key = (str(log.flow_run_id), str(log.task_run_id))
             if log.message.startswith("Holding GPU slot "):
                 opened[key] = log.timestamp.timestamp()
             elif log.message.startswith("Released GPU slot ") and key in opened:
@@ -54,7 +57,7 @@ def _gpu_seconds(api_url: str, flow_run_id: str) -> float:
                 n += 1
         return (total,) if n and not opened else None  # logs arrive after the run ends: wait for all
 
-    return wait_for(holds, 60, "the run's GPU-slot logs")[0]
+    return wait_for(holds, 60, "the build-engine runs' GPU-slot logs")[0]
 
 
 def test_a_model_copied_into_the_drop_folder_is_converted(tmp_path):

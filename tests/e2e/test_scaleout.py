@@ -63,6 +63,14 @@ def _runs_named(client, names):
     return [r for r in runs if _model_name(r) in names]
 
 
+def _builds_of(client, run) -> list:
+    """The build-engine child runs of one convert-model run."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+
+
 def _logs(client, run_ids) -> list:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -102,11 +110,14 @@ def _run_phase(client, s3, bucket: str, prefix: str, n: int, seed0: int) -> Tupl
 def _parse_holds(client, names, runs, wall: float):
     """The phase's GPU-slot holds from the run logs, or None while some are still missing."""
     phase = Phase(names, runs, wall)
-    # The worker that ran each flow run labels it (a worker that lost the race to submit does not).
-    phase.workers.update(str((r.labels or {}).get("prefect.worker.name", "?")) for r in runs)
+    # GPU work runs in each conversion's build-engine child runs (gpu pool); their holds count for the parent.
+    parent_of = {str(c.id): str(r.id) for r in runs for c in _builds_of(client, r)}
+    builds = [c for r in runs for c in _builds_of(client, r)]
+    # The worker that ran each build labels it (a worker that lost the race to submit does not).
+    phase.workers.update(str((c.labels or {}).get("prefect.worker.name", "?")) for c in builds)
     opened: Dict[Tuple[str, str], float] = {}
     waiting: Dict[str, float] = {}
-    for log in sorted(_logs(client, [r.id for r in runs]), key=lambda lg: lg.timestamp):
+    for log in sorted(_logs(client, [c.id for c in builds]), key=lambda lg: lg.timestamp):
         msg, ts, key = log.message, log.timestamp.timestamp(), str(log.task_run_id or log.flow_run_id)
         if msg.startswith("Waiting for GPU slot "):
             waiting[key] = ts
@@ -117,7 +128,8 @@ def _parse_holds(client, names, runs, wall: float):
         elif msg.startswith("Released GPU slot "):
             slot = msg.rsplit(" ", 1)[1]
             if (key, slot) in opened:
-                phase.holds.setdefault(slot, []).append((opened.pop((key, slot)), ts, str(log.flow_run_id)))
+                phase.holds.setdefault(slot, []).append((opened.pop((key, slot)), ts,
+                                                         parent_of.get(str(log.flow_run_id), str(log.flow_run_id))))
     held_by = Counter(run for holds in phase.holds.values() for _, _, run in holds)
     if opened or any(held_by[str(r.id)] == 0 for r in runs if r.state.is_completed()):
         return None

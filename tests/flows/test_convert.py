@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx.version_converter
 import pytest
 
 from flows.convert import convert_model
@@ -28,9 +29,15 @@ def gpu_double(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
-def bucket(tmp_path):
+def bucket(tmp_path, gpu_double):
+    """A local bucket with one model and the double recorded as its GPU worker (so cache hits are known)."""
     root = tmp_path / "bucket"
     models.save(models.small_cnn(), root / "models" / "cnn.onnx")
+    import tempfile
+    from flows.workers import record_worker_probe
+    from tasks.gpu_client import probe_gpu
+
+    record_worker_probe(LocalStorage(root), "gpu0-test", probe_gpu(Path(tempfile.mkdtemp(dir=tmp_path))))
     return root
 
 
@@ -148,7 +155,7 @@ def test_without_tensorrt_stops_at_gpu_stage_naming_the_setting(prefect_harness,
     assert "TensorRT cannot be imported" in str(info.value) and "TRT_PYTHON" in str(info.value)
     store = LocalStorage(bucket)
     status = store.read_json(status_key("cnn", sha256_file(bucket / "models" / "cnn.onnx")))
-    assert status["status"] == "failed" and status["stage"] == "gpu-probe"
+    assert status["status"] == "failed" and status["stage"] == "engines"  # the probe runs in build-engine
     assert "TRT_PYTHON" in status["error"]["message"] + (status["error"]["fix"] or "")
 
 
@@ -203,3 +210,63 @@ def test_int8_without_calibration_data_is_refused_and_the_chain_falls_back(prefe
     conversion = store.read_json(store.read_json(latest_key("nocal"))["conversion"])
     error = conversion["precisions"]["int8"]["error"]
     assert error["kind"] == "model" and "calibration" in error["message"] and "synthetic: true" in error["fix"]
+
+
+def _opset18_bucket(root: Path, worker_trt: str) -> Path:
+    """A bucket holding an opset-18 model and the record of one GPU worker with TensorRT ``worker_trt``."""
+    from flows.workers import record_worker_probe
+    from tasks.gpu_client import GpuEnv
+
+    model = onnx.version_converter.convert_version(models.small_cnn(), 18)
+    models.save(model, root / "models" / "op18.onnx")
+    record_worker_probe(LocalStorage(root), "gpu0-h100", GpuEnv(
+        tensorrt=worker_trt, gpu="NVIDIA H100 (record written by the test)", compute_capability="9.0", driver="x",
+        cuda_runtime="x", python="3.10", interpreter="/opt/trt/bin/trt-python"))
+    return root
+
+
+def test_opset18_passes_validation_for_a_recorded_10x_worker(prefect_harness, gpu_double, tmp_path, monkeypatch):
+    root = _opset18_bucket(tmp_path / "bucket", "10.8.0")
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "10.8.0")  # the GPU double plays that worker
+    summary = _convert(root / "models" / "op18.onnx", precisions=["fp32"])
+    assert summary["status"] == "published"
+    store = LocalStorage(root)
+    conversion = store.read_json(store.read_json(latest_key("op18"))["conversion"])
+    assert conversion["validated_for"]["tensorrt"] == "10.8.0"
+    assert "GPU worker gpu0-h100" in conversion["validated_for"]["source"]
+    manifest = store.read_json(conversion["latest"]["manifest"])
+    assert manifest["model"]["opsets"]["ai.onnx"] == 18 and manifest["target"]["tensorrt"] == "10.8.0"
+
+
+def test_opset18_is_refused_for_a_recorded_86_worker(prefect_harness, gpu_double, tmp_path, monkeypatch):
+    root = _opset18_bucket(tmp_path / "bucket", "8.6.1")
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
+    with pytest.raises(ModelError, match="opset 18"):
+        _convert(root / "models" / "op18.onnx", precisions=["fp32"])
+    status = LocalStorage(root).read_json(status_key("op18", sha256_file(root / "models" / "op18.onnx")))
+    assert status["status"] == "failed" and status["stage"] == "validate"
+    assert "TensorRT 8.6.1" in status["error"]["message"] and "gpu0-h100" in status["error"]["message"]
+    assert "opset_version=17" in status["error"]["fix"]
+
+
+def test_without_a_worker_record_the_setting_names_the_target(prefect_harness, gpu_double, tmp_path, monkeypatch):
+    root = tmp_path / "bucket"
+    models.save(onnx.version_converter.convert_version(models.small_cnn(), 18), root / "models" / "op18.onnx")
+    monkeypatch.setenv("TRTFLOW_TARGET_TRT", "10.8")
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "10.8.0")
+    assert _convert(root / "models" / "op18.onnx", precisions=["fp32"])["status"] == "published"
+    monkeypatch.setenv("TRTFLOW_TARGET_TRT", "8.6")
+    with pytest.raises(ModelError, match=r"TRTFLOW_TARGET_TRT=8\.6"):
+        _convert(root / "models" / "op18.onnx", precisions=["fp32"], force=True)
+
+
+def test_build_engine_rechecks_on_its_own_tensorrt(prefect_harness, gpu_double, tmp_path, monkeypatch):
+    """The record says 10.8 but the worker that builds runs 8.6: build-engine refuses, naming its parser."""
+    root = _opset18_bucket(tmp_path / "bucket", "10.8.0")
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
+    with pytest.raises(ModelError, match="newer ONNX parser"):
+        _convert(root / "models" / "op18.onnx", precisions=["fp32"])
+    store = LocalStorage(root)
+    status = store.read_json(status_key("op18", sha256_file(root / "models" / "op18.onnx")))
+    assert status["status"] == "failed" and "TensorRT 8.6.1" in status["error"]["message"]
+    assert not list(store.list("_trtflow/work/")), "the work prefix is removed on failure too"

@@ -64,18 +64,22 @@ def test_render_prefect_file_applies_overrides_and_keeps_the_rest(tmp_path):
                               tmp_path / "prefect.yaml")
     doc = yaml.safe_load(out.read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
-    assert set(deps) == {"watch-bucket", "convert-model", "nightly-rebuild"}
+    assert set(deps) == {"watch-bucket", "convert-model", "build-engine", "nightly-rebuild"}
     assert deps["watch-bucket"]["schedules"] == [{"interval": 4.0}]
     assert deps["watch-bucket"]["parameters"]["settle_seconds"] == 3.0
     assert deps["nightly-rebuild"]["schedules"] == [{"cron": "30 1 * * *", "timezone": "UTC"}]
-    assert deps["convert-model"]["work_pool"] == {"name": "gpu"}
+    assert deps["convert-model"]["work_pool"]["name"] == "cpu"
+    assert deps["convert-model"]["work_pool"]["job_variables"]["env"]["TRTFLOW_GPU_DEPLOYMENT"] == \
+        "build-engine/build-engine"
+    assert deps["build-engine"]["work_pool"] == {"name": "gpu"}
+    assert deps["build-engine"]["entrypoint"] == "flows/build.py:build_engine"
     assert deps["convert-model"]["entrypoint"] == "flows/convert.py:convert_model"
     assert doc["pull"] == original["pull"]
     # Defaults: the file as written.
     plain = yaml.safe_load(render_prefect_file(DeploySettings("s3://b"), tmp_path / "p2.yaml").read_text())
     assert plain["deployments"] == original["deployments"]
     assert {d["name"]: d["work_pool"]["name"] for d in original["deployments"]} == {
-        "watch-bucket": "cpu", "convert-model": "gpu", "nightly-rebuild": "cpu"}
+        "watch-bucket": "cpu", "convert-model": "cpu", "build-engine": "gpu", "nightly-rebuild": "cpu"}
     assert {d["name"]: d["schedules"] for d in original["deployments"] if "schedules" in d} == {
         "watch-bucket": [{"interval": 30}], "nightly-rebuild": [{"cron": "0 2 * * *", "timezone": "UTC"}]}
 
