@@ -25,7 +25,6 @@ from tasks.errors import ModelError, TrtflowError
 from tasks.gpu_client import GpuEnv, probe_gpu
 from tasks.spec import ModelSpec
 from tasks.storage import open_storage
-from tasks.gpu.compat import Caps, caps_for_version
 
 FLOW_NAME = "build-engine"
 DEPLOYMENT_SETTING = "TRTFLOW_GPU_DEPLOYMENT"  # "build-engine/build-engine" on deployments; unset: in-process
@@ -47,7 +46,7 @@ def parser_recheck(onnx_path: Path, env: GpuEnv) -> None:
     may pick the run up, and its parser would fail with a less clear message mid-build.
     """
     model = onnx.load(str(onnx_path), load_external_data=False)
-    caps = Caps.from_dict(env.caps) if env.caps else caps_for_version(env.tensorrt)
+    caps = env.policy()
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     problems = []
     if opset is not None and opset > caps.parser_max_opset:

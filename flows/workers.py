@@ -62,7 +62,7 @@ class Target:
 
     def policy(self) -> Caps:
         """The one TensorRT policy object for this target: the worker's probed caps, else the version's."""
-        return Caps.from_dict(self.env.caps) if self.env and self.env.caps else caps_for_version(self.tensorrt)
+        return self.env.policy() if self.env else caps_for_version(self.tensorrt)
 
     def to_dict(self) -> dict:
         return {"tensorrt": self.tensorrt, "source": self.source, "key": self.key}

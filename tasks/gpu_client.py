@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from tasks.errors import InfraError, ModelError, TrtflowError
+from tasks.gpu.compat import Caps, caps_for_version
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,12 @@ class GpuEnv:
     def target(self) -> str:
         """``sm_90-trt8.6.0``: the engine-compatibility part of bucket keys."""
         return f"{self.sm}-trt{self.tensorrt}"
+
+    def policy(self) -> Caps:
+        """This worker's TensorRT policy (tasks/gpu/compat.py): its probed caps, else its version's."""
+        if self.caps:
+            return Caps.from_dict({"version": self.tensorrt, **self.caps})
+        return caps_for_version(self.tensorrt)
 
     def to_dict(self) -> dict:
         d = asdict(self)
