@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""CPU check of exported zoo packages before the GPU run: validation for a TensorRT version, the
+adapt step's rewrites, the eval data through ONNX Runtime, and the INT8 calibration data.
+
+    python3 bench/zoo/check_zoo.py --bucket /tmp/zoo [--only resnet50,...] [--trt 8.6]
+
+Uses trtflow's own modules (run from the repository root, PYTHONPATH=.). One JSON line per
+package; exit 1 when any package would not reach the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from tasks import accuracy, adapt, calibration, validate
+from tasks.package import LocalPackage
+from tasks.spec import load_spec
+
+
+def check(pkg: Path, trt: str, work: Path) -> dict:
+    spec = load_spec(pkg / "trtflow.yaml")
+    model = pkg / "model.onnx"
+    report = validate.validate_model(model, spec, pkg, trt_version=trt)
+    out = {"model": pkg.name, "validation_errors": [f"{i.code}: {i.message[:160]}" for i in report.errors],
+           "warnings": report.warning_codes()}
+    support, _ = validate.tensorrt_support(trt)
+    result = adapt.adapt_for_target(model, work / pkg.name, support, report.profiles or [], sanitise_mode="on-failure")
+    out["adapt"] = [f"{r.name}: {r.before} -> {r.after}" + ("" if r.applied else " (not applied)") for r in result.records]
+    local = LocalPackage(pkg.name, pkg, result.path, "-", "-", model.stat().st_size, str(pkg))
+    eval_set = accuracy.eval_inputs(local, spec, model_path=result.path, profiles=report.profiles or None,
+                                    out_path=work / f"{pkg.name}.eval.npz")
+    ref = accuracy.reference_outputs(result.path, eval_set, work / f"{pkg.name}.ref.npz")
+    out["eval"] = {"samples": eval_set.samples, "synthetic": eval_set.synthetic, "reference": ref.name}
+    if "int8" in [str(p) for p in spec.precisions]:
+        inputs = calibration.inputs_from_onnx(str(result.path))
+        data = calibration.load_calibration_data(local.data_dir(spec.calibration.data), spec, inputs,
+                                                 report.profiles or None)
+        out["calibration"] = {"samples": data.samples, "inputs": data.input_names}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bucket", type=Path, default=Path("/tmp/zoo"))
+    ap.add_argument("--only", default="")
+    ap.add_argument("--trt", default="8.6")
+    args = ap.parse_args()
+    only = {n for n in args.only.split(",") if n}
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for pkg in sorted((args.bucket / "models").iterdir()):
+            if not pkg.is_dir() or (only and pkg.name not in only):
+                continue
+            try:
+                row = check(pkg, args.trt, Path(tmp))
+                bad += bool(row["validation_errors"])
+            except Exception as err:  # noqa: BLE001 - report every package, not the first failure
+                row = {"model": pkg.name, "error": f"{type(err).__name__}: {str(err)[:400]}"}
+                bad += 1
+            print(json.dumps(row, default=str), flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
