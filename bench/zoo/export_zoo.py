@@ -62,8 +62,13 @@ def torch_export(module, args, path: Path, input_names, output_names, dynamic_ax
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(module.eval(), args, str(path), **kwargs)
+    # nn.MultiheadAttention (vit_b_16) takes a fused fast path in eval mode under no_grad, which the
+    # TorchScript exporter cannot export (aten::_native_multi_head_attention): switch it off and
+    # trace with grad enabled, as a plain export call does.
+    mha = getattr(torch.backends, "mha", None)
+    if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+        mha.set_fastpath_enabled(False)
+    torch.onnx.export(module.eval(), args, str(path), **kwargs)
 
 
 def seeded(seed: int = 0) -> None:
@@ -337,7 +342,10 @@ def make_gpt2(entry: Entry, pkg: Path) -> Dict[str, Any]:
             self.m = m
 
         def forward(self, input_ids):
-            return self.m(input_ids=input_ids, use_cache=False, return_dict=False)[0]
+            # An all-ones mask, passed explicitly: with no mask, transformers >= 5 probes position ids for
+            # packed sequences with torch.diff, which the ONNX exporter has no symbolic for.
+            mask = torch.ones_like(input_ids)
+            return self.m(input_ids=input_ids, attention_mask=mask, use_cache=False, return_dict=False)[0]
 
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     torch_export(Logits(model), (torch.ones(1, 16, dtype=torch.int64),), pkg / "model.onnx", ["input_ids"],
