@@ -87,7 +87,15 @@ def collect(bucket: Path, name: str) -> Dict[str, Any]:
         details = status["error"].get("details") or []
         if details and isinstance(details[0], dict):
             results = details[0]
-    out["precisions"] = [_precision_row(p, r, manifests.get(p)) for p, r in results.items()]
+    rows = [_precision_row(p, r, manifests.get(p)) for p, r in results.items()]
+    # One ONNX Runtime CPU baseline per model (it does not depend on the precision): lend it to the
+    # precisions that were not published and so have no manifest of their own.
+    baseline = next((r["ort_cpu_throughput"] for r in rows if r.get("ort_cpu_throughput")), None)
+    for r in rows:
+        if baseline and not r.get("ort_cpu_throughput"):
+            r["ort_cpu_throughput"] = baseline
+            r["speedup"] = r["throughput"] / baseline if r.get("throughput") else None
+    out["precisions"] = rows
     return out
 
 
