@@ -263,7 +263,8 @@ def convert_opset(model: onnx.ModelProto, limits: Any) -> Tuple[onnx.ModelProto,
         from onnx import version_converter
         converted = version_converter.convert_version(model, lim.parser_max_opset)
         converted.ir_version = min(int(converted.ir_version), ir) if ir else converted.ir_version
-        onnx.checker.check_model(converted)
+        if not _has_external_data(converted):  # else the in-memory checker looks for the data files
+            onnx.checker.check_model(converted)  # relative to the cwd; the saved file is checked by path
     except Exception as err:  # noqa: BLE001 - the converter raises RuntimeError/ValidationError/...
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         named = ", ".join(ops) or "unknown"
@@ -437,6 +438,33 @@ def sanitise(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, AdaptRecord]:
 
 
 # ---- 1e: the entry point ------------------------------------------------------------------------
+SMALL_TENSOR_BYTES = 1 << 20
+
+
+def inline_small_external_data(model: onnx.ModelProto, base_dir: Path, limit: int = SMALL_TENSOR_BYTES) -> int:
+    """Read external tensors under ``limit`` bytes into the model (in place); returns how many.
+
+    The version converter and constant folding need the values of small constants (Reshape
+    shapes, Slice indices, ReduceMean axes), which a model saved with ``size_threshold=0`` keeps
+    in its data file; the large weights stay where they are.
+    """
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    count = 0
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            if t.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            if int(info.get("length", limit + 1)) > limit:
+                continue
+            load_external_data_for_tensor(t, str(base_dir))
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
+            count += 1
+    return count
+
+
 def _has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for g in _graphs(model.graph) for t in g.initializer)
 
@@ -476,6 +504,7 @@ def adapt_for_target(model_path: Path, out_dir: Path, limits: Any,
                          fix="Use 'on-failure' (default), 'always' or 'never'.")
     model_path, out_dir = Path(model_path), Path(out_dir)
     model = onnx.load(str(model_path), load_external_data=False)
+    inline_small_external_data(model, model_path.parent, SMALL_TENSOR_BYTES)
     records: List[AdaptRecord] = []
     model, record = convert_opset(model, limits)  # first: the converter may stamp a newer IR
     records += [record] if record else []

@@ -198,14 +198,16 @@ def test_unknown_sanitise_mode_names_the_choices(tmp_path):
 
 
 # ---- external data ------------------------------------------------------------------------------
-def test_external_data_stays_on_disk_and_the_adapted_model_is_written_beside_it(tmp_path):
+def test_external_data_stays_on_disk_and_the_adapted_model_is_written_beside_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(adapt, "SMALL_TENSOR_BYTES", 100)  # the test's weights stand in for large ones
     model = models.small_cnn()
     model.ir_version = 10
     src = models.save(model, tmp_path / "in" / "model.onnx", external_data="weights.bin")
     result = adapt_for_target(src, tmp_path / "out", TRT86, sanitise_mode="always")
     assert _names(result) == ["lower_ir", "sanitise"]
     out = onnx.load(str(result.path), load_external_data=False)
-    assert all(t.data_location == TensorProto.EXTERNAL for t in out.graph.initializer)
+    kinds = {t.name: t.data_location for t in out.graph.initializer}
+    assert all(kinds[w] == TensorProto.EXTERNAL for w in ("w1", "w2", "wf"))  # the weights stay in their file
     assert {t.name for t in out.graph.initializer} == {"w1", "b1", "w2", "b2", "wf", "bf"}
     assert [i.name for i in out.graph.input] == ["images"]
     assert result.path == tmp_path / "in" / "model.adapted.onnx"  # the data resolves where it lies
@@ -213,3 +215,27 @@ def test_external_data_stays_on_disk_and_the_adapted_model_is_written_beside_it(
     assert result.path.stat().st_size < 4096  # the graph only: no weights inside
     feeds = {"images": np.random.default_rng(2).normal(size=(2, 3, 32, 32)).astype(np.float32)}
     _same_outputs(src, result.path, feeds)
+
+
+def test_opset_conversion_reads_small_constants_kept_in_external_data(tmp_path):
+    # Saved with size_threshold=0: even ReduceMean's axes live in the data file, and the converter
+    # needs their values to turn them into the opset-17 attribute.
+    src = models.save(models.reduce_mean_model(opset=18), tmp_path / "in" / "model.onnx", external_data="w.bin")
+    inline = models.save(models.reduce_mean_model(opset=18), tmp_path / "ref" / "model.onnx")  # ORT cannot read src
+    result = adapt_for_target(src, tmp_path / "out", TRT86)
+    assert _names(result) == ["convert_opset"]
+    out = onnx.load(str(result.path))
+    assert adapt.default_opset(out) == 17
+    feeds = {"x": np.random.default_rng(3).normal(size=(2, 4, 6)).astype(np.float32)}
+    _same_outputs(inline, result.path, feeds)
+
+
+def test_large_external_tensors_stay_external(tmp_path):
+    model = models.small_cnn()
+    model.ir_version = 10
+    src = models.save(model, tmp_path / "in" / "model.onnx", external_data="weights.bin")
+    loaded = onnx.load(str(src), load_external_data=False)
+    assert adapt.inline_small_external_data(loaded, src.parent, limit=200) == 3  # b1, b2, bf: 32, 64, 40 bytes
+    kinds = {t.name: t.data_location for t in loaded.graph.initializer}
+    assert kinds["w1"] == kinds["w2"] == kinds["wf"] == TensorProto.EXTERNAL
+    assert kinds["b1"] == kinds["b2"] == kinds["bf"] == TensorProto.DEFAULT
