@@ -85,7 +85,8 @@ def collect(bucket: Path, name: str) -> Dict[str, Any]:
         out["latest_precision"] = latest.get("precision")
     if (not results) and status and status.get("error"):
         details = status["error"].get("details") or []
-        if details and isinstance(details[0], dict):
+        # the flow puts the per-precision results first in details when every precision failed
+        if details and isinstance(details[0], dict) and all(isinstance(v, dict) for v in details[0].values()):
             results = details[0]
     rows = [_precision_row(p, r, manifests.get(p)) for p, r in results.items()]
     # One ONNX Runtime CPU baseline per model (it does not depend on the precision): lend it to the
@@ -126,10 +127,27 @@ def _append(record: dict, files: Iterable[Path]) -> None:
 
 
 def _done(results_file: Path) -> set:
+    """(model, precisions) pairs already converted: a pass with other precisions still runs."""
     if not results_file.exists():
         return set()
-    return {json.loads(line)["model"] for line in results_file.read_text().splitlines()
-            if line.strip() and not json.loads(line).get("skipped")}
+    out = set()
+    for line in results_file.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec and not rec.get("skipped"):
+            out.add((rec["model"], ",".join(rec.get("precisions_tried") or [])))
+    return out
+
+
+def registry_order(names: List[str]) -> List[str]:
+    """The export registry's order (most telling models first), then any other package by name."""
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from export_zoo import ZOO
+
+        rank = {e.name: i for i, e in enumerate(ZOO)}
+    except Exception:  # noqa: BLE001 - without the registry, alphabetical order will do
+        rank = {}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
 def convert_one(bucket: Path, pkg: Path, precisions: List[str], timeout: float, log_dir: Optional[Path]) -> dict:
@@ -154,11 +172,17 @@ def convert_one(bucket: Path, pkg: Path, precisions: List[str], timeout: float, 
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             rc, timed_out = proc.returncode, True
-    record = collect(bucket, pkg.name)
+    try:
+        record = collect(bucket, pkg.name)
+    except Exception as err:  # noqa: BLE001 - a record we cannot read must not stop the zoo
+        record = {"model": pkg.name, "precisions": [], "error": f"could not read the results: {err!r}"}
     record.update({"wall_s": round(time.monotonic() - t0, 1), "rc": rc, "timed_out": timed_out,
                    "precisions_tried": precisions, "inputs": _package_inputs(pkg)})
     if timed_out:
         record["error"] = f"killed after {timeout:.0f} s (per-model timeout / global budget)"
+    if not record["precisions"]:  # failed before any precision was recorded: one row each, same reason
+        record["precisions"] = [{"precision": p, "result": "failed", "error": record.get("error") or f"rc {rc}",
+                                 "fix": record.get("fix")} for p in precisions]
     return record
 
 
@@ -169,7 +193,8 @@ def run_convert(args) -> int:
     log_dir = Path(os.environ["OUT"]) / "zoo-logs" if os.environ.get("OUT") else bucket / "_zoo" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     only = [n for n in args.only.split(",") if n]
-    pkgs = sorted(p for p in (bucket / "models").iterdir() if p.is_dir())
+    by_name = {p.name: p for p in (bucket / "models").iterdir() if p.is_dir()}
+    pkgs = [by_name[n] for n in registry_order(list(by_name))]
     if only:
         by = {p.name: p for p in pkgs}
         missing = [n for n in only if n not in by]
@@ -180,10 +205,12 @@ def run_convert(args) -> int:
     done = set() if args.redo else _done(results_file)
     deadline = time.monotonic() + args.budget
     for pkg in pkgs:
-        if pkg.name in done:
-            continue
         spec = yaml.safe_load((pkg / "trtflow.yaml").read_text()) or {}
-        precisions = [p for p in (args.precisions.split(",") if args.precisions else spec.get("precisions") or ["fp16"])]
+        wanted = spec.get("precisions") or ["fp16"]
+        # --precisions narrows to those the entry tries (int8 only where the spec names it)
+        precisions = [p for p in args.precisions.split(",") if p in wanted] if args.precisions else wanted
+        if not precisions or (pkg.name, ",".join(precisions)) in done:
+            continue
         left = deadline - time.monotonic()
         if left < args.min_seconds:
             _append({"model": pkg.name, "skipped": f"global budget: {left:.0f} s left of {args.budget:.0f} s "
@@ -204,13 +231,22 @@ def _result_text(r: dict) -> str:
         return "published"
     if res == "failed-gate":
         return "failed gate: " + "; ".join(r.get("gate_failures") or [])[:120]
-    return "failed build: " + (r.get("error") or "?")[:160]
+    fix = f" Fix: {r['fix'][:160]}" if r.get("fix") else ""
+    return "failed: " + (r.get("error") or "?")[:160] + fix
 
 
 def table(records: List[dict]) -> str:
     latest: Dict[str, dict] = {}
-    for rec in records:  # the last line of a model wins
-        latest[rec["model"]] = rec
+    for rec in records:  # per model and precision, the last line wins (passes may differ in precisions)
+        prev = latest.get(rec["model"])
+        if prev is None or rec.get("skipped") or not rec.get("precisions"):
+            if prev is None or not prev.get("precisions"):
+                latest[rec["model"]] = rec
+            continue
+        merged = {r["precision"]: r for r in prev.get("precisions") or []}
+        merged.update({r["precision"]: r for r in rec["precisions"]})
+        latest[rec["model"]] = dict(rec, precisions=list(merged.values()),
+                                    precisions_tried=sorted(merged))
     head = ("| model | inputs | precision | result | build s | cosine | top-1 | TRT /s | ORT CPU /s | speedup |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
