@@ -388,7 +388,7 @@ def _weights_as_inputs(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, List[on
 
 def _restore_weights(model: onnx.ModelProto, external: List[onnx.TensorProto]) -> None:
     names = {t.name for t in external}
-    used = {i for n in model.graph.node for i in n.input}
+    used = {i for g in _graphs(model.graph) for n in g.node for i in n.input}  # subgraphs read outer weights too
     inputs = [vi for vi in model.graph.input if vi.name not in names]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
