@@ -173,12 +173,10 @@ def make_ssdlite(entry: Entry, pkg: Path) -> Dict[str, Any]:
 
 
 # ---- a YOLO-style detector written here (Conv-BN-SiLU, C2f Split/Concat, SPPF, Upsample, DFL) ----
-def yolo_module(width: float = 0.25, depth: int = 1, nc: int = 80, reg_max: int = 16):
+def _yolo_blocks(reg_max: int):
+    """The detector's building blocks (torch imported lazily: --list needs no torch)."""
     import torch
     from torch import nn
-
-    def ch(c):
-        return max(16, int(c * width) // 8 * 8)
 
     class ConvBnSiLU(nn.Module):
         def __init__(self, c1, c2, k=1, s=1):
@@ -233,6 +231,18 @@ def yolo_module(width: float = 0.25, depth: int = 1, nc: int = 80, reg_max: int 
         def forward(self, x):
             b, _, a = x.shape
             return self.conv(x.view(b, 4, self.c1, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+    return ConvBnSiLU, C2f, SPPF, DFL
+
+
+def yolo_module(width: float = 0.25, depth: int = 1, nc: int = 80, reg_max: int = 16):
+    import torch
+    from torch import nn
+
+    ConvBnSiLU, C2f, SPPF, DFL = _yolo_blocks(reg_max)
+
+    def ch(c):
+        return max(16, int(c * width) // 8 * 8)
 
     class Detector(nn.Module):
         def __init__(self):
