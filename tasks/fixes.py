@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, Optional, Pattern, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Pattern, Sequence, Tuple, Union
 
 PARSER = "parser"
 BUILDER = "builder"
@@ -181,3 +181,25 @@ def fix_for_accuracy_failure(precision: str, failed: Sequence[str] = ()) -> Matc
                       f"The {precision} engine missed {what} against ONNX Runtime.{calib}{fp32} or, if the "
                       f"measured numbers are acceptable for your use, loosen tolerances.{precision} in trtflow.yaml.",
                       f"tolerances.{precision}")
+
+
+def fix_for_parser_details(errors: Sequence[Dict[str, Any]], log_lines: Sequence[str] = (),
+                           trt_version: str = "") -> MatchedFix:
+    """The fix for a rejected parse from tasks.gpu.compat.parser_error_details (dicts with desc,
+    node_name, node_op) and the logger's error lines: the first error a specific rule matches
+    (TensorRT often logs the telling line, e.g. the Slice assertion, beside a vaguer parser error),
+    else the generic parser fix for the first error's node."""
+    first: Optional[MatchedFix] = None
+    for err in errors:
+        desc = str(err.get("desc") or "")
+        fix = fix_for_parser_error(desc, str(err.get("node_name") or ""), str(err.get("node_op") or ""), trt_version)
+        if fix.code != _GENERIC[PARSER].code:
+            return fix
+        first = first or fix
+    head = errors[0] if errors else {}
+    # all lines at once: rules are tried in table order, so the Slice assertion beats an INT64 warning
+    fix = match_fix(PARSER, list(log_lines), node=str(head.get("node_name") or ""),
+                    op=str(head.get("node_op") or ""), trt_version=trt_version)
+    if fix.code != _GENERIC[PARSER].code:
+        return fix
+    return first or fix

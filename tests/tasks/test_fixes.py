@@ -126,3 +126,16 @@ def test_fixes_module_stays_stdlib_only_for_the_tensorrt_interpreter():
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= {"__future__", "re", "dataclasses", "typing"}
     assert "from __future__ import annotations" in Path(fixes.__file__).read_text()
+
+
+def test_parser_details_pick_the_error_a_rule_explains():
+    errors = [{"desc": "Assertion failed: something vague", "node_name": "/Slice_3", "node_op": "Slice"},
+              {"desc": SLICE_86, "node_name": "/Slice_3", "node_op": "Slice"}]
+    assert fixes.fix_for_parser_details(errors, trt_version="8.6").code == "dynamic_axes_slice"
+    # the telling line only in the logger's errors: the node still comes from the parser error
+    fix = fixes.fix_for_parser_details(errors[:1], [CLAMPED, SLICE_86], "8.6")
+    assert fix.code == "dynamic_axes_slice" and "'/Slice_3'" in fix.fix  # the assertion outranks the warning
+    assert fixes.fix_for_parser_details(errors[:1], [CLAMPED], "8.6").code == "int32_clamped"
+    vague = fixes.fix_for_parser_details(errors[:1], [], "8.6")
+    assert vague.code == "parser_rejected" and "'/Slice_3' (Slice)" in vague.fix
+    assert fixes.fix_for_parser_details([], [], "8.6").code == "parser_rejected"
