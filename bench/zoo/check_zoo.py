@@ -59,6 +59,10 @@ def check(pkg: Path, trt: str, work: Path, sanitise_always: bool = False) -> dic
     support, _ = validate.tensorrt_support(trt)
     result = adapt.adapt_for_target(model, work / pkg.name, support, report.profiles or [], sanitise_mode="on-failure")
     out["adapt"] = [f"{r.name}: {r.before} -> {r.after}" + ("" if r.applied else " (not applied)") for r in result.records]
+    if result.changed:  # what reaches the parser is the adapted model: judge that one
+        out["original_errors"] = [i.code for i in report.errors]
+        report = validate.validate_model(result.path, spec, pkg, trt_version=trt)
+        out["validation_errors"] = [f"{i.code}: {i.message[:160]}" for i in report.errors]
     local = LocalPackage(pkg.name, pkg, result.path, "-", "-", model.stat().st_size, str(pkg))
     eval_set = accuracy.eval_inputs(local, spec, model_path=result.path, profiles=report.profiles or None,
                                     out_path=work / f"{pkg.name}.eval.npz")
