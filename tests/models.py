@@ -177,3 +177,91 @@ def not_onnx_file(path: Path, kind: str = "html") -> Path:
     else:
         path.write_bytes(b"<html><body><h1>403 Forbidden</h1></body></html>\n")
     return path
+
+
+# ---- the adaptation registry (tasks/adapt.py): graphs as exporters write them ------------------
+def shared_param_cnn(param: str = "?") -> onnx.ModelProto:
+    """small_cnn with images [N, 3, ?, ?]: both spatial dims share one dim_param (as some exporters
+    write unnamed dynamic dims), though a profile may give them different ranges."""
+    model = dynamic_hw_cnn()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param = param
+    dims[3].dim_param = param
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def shared_batch_text_model(vocab: int = 30, dim: int = 8) -> onnx.ModelProto:
+    """input_ids and attention_mask int64 [B, S] (batch and sequence shared by both inputs) ->
+    pooled float32 [B, dim]: masked mean of an embedding, as a BERT-style encoder's inputs."""
+    rng = np.random.default_rng(3)
+    emb = rng.normal(0, 1, (vocab, dim)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["g"], name="embed", axis=0),
+        helper.make_node("Cast", ["attention_mask"], ["m"], name="mask_cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axis2"], ["m3"], name="mask_unsqueeze"),
+        helper.make_node("Mul", ["g", "m3"], ["gm"], name="mask_mul"),
+        helper.make_node("ReduceSum", ["gm", "axis1"], ["pooled"], name="pool", keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared_batch_text",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["B", dim])],
+        [_init("emb", emb), _init("axis2", np.array([2], np.int64)), _init("axis1", np.array([1], np.int64))],
+    )
+    return _model(graph)
+
+
+def reduce_mean_model(opset: int = 18, ir_version: int = IR_VERSION) -> onnx.ModelProto:
+    """x float32 [N, 4, 6] -> ReduceMean over axis 2 (axes an input since opset 18) -> Relu.
+    At opset 18+ the version converter must move the axes back into an attribute for opset 17."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["m"], name="mean", keepdims=1),
+         helper.make_node("Relu", ["m"], ["y"], name="relu")], "reduce_mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1])],
+        [_init("axes", np.array([2], np.int64))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="trtflow-tests")
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def float8_weight_model(ir_version: int = 9) -> onnx.ModelProto:
+    """relu_model plus a FLOAT8E4M3FN initializer dequantized into the graph: a real IR 9 feature,
+    so its IR must not be lowered to 8."""
+    w = helper.make_tensor("w8", TensorProto.FLOAT8E4M3FN, [4], [1.0, 2.0, 0.5, 1.0])
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w8", "scale"], ["w"], name="dq"),
+         helper.make_node("Mul", ["x", "w"], ["y"], name="mul")], "float8_weight",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [w, _init("scale", np.array(1.0, np.float32))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], producer_name="trtflow-tests")
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def dynamic_axes_slice_model(width: int = 8) -> onnx.ModelProto:
+    """x float32 [N, width] -> Slice whose starts/ends/axes come from a constant subgraph
+    (Constant -> Add / Cast), as exporters write `x[:, 2:-2]` with computed indices: TensorRT 8.6's
+    parser refuses it ("does not support dynamic axes"); constant folding resolves it."""
+    nodes = [
+        helper.make_node("Constant", [], ["axes_raw"], name="axes_const",
+                         value=_init("axes_raw", np.array([0], np.int64))),
+        helper.make_node("Add", ["axes_raw", "one"], ["axes"], name="axes_add"),
+        helper.make_node("Constant", [], ["starts_f"], name="starts_const",
+                         value=_init("starts_f", np.array([2.0], np.float32))),
+        helper.make_node("Cast", ["starts_f"], ["starts"], name="starts_cast", to=TensorProto.INT64),
+        helper.make_node("Neg", ["starts"], ["ends"], name="ends_neg"),
+        helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["s"], name="dyn_slice"),
+        helper.make_node("Relu", ["s"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes, "dynamic_axes_slice",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width - 4])],
+        [_init("one", np.array([1], np.int64))])
+    return _model(graph)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The zoo on the GPU machine, one step per device call (each under 10 minutes), after
+# ../shared/gpu/install.sh unpacked TensorRT (/opt/trt) and the wheels (/opt/py312, which must hold
+# onnx-graphsurgeon for the adapt step: make-wheels .gpu/py312 "prefect>=3.9" boto3 pyyaml onnx-graphsurgeon).
+#   bash bench/zoo/gpu.sh export [--only a,b]      # ~3-4 min: packages into $ZOO
+#   bash bench/zoo/gpu.sh check  [--only a,b]      # CPU: validate + adapt + ORT on eval data
+#   bash bench/zoo/gpu.sh convert [--only a,b]     # repeat until every model has a line; skips done ones
+#   bash bench/zoo/gpu.sh table
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/tmp/prefect-home PYTHONUNBUFFERED=1
+export TRT_PYTHON=${TRT_PYTHON:-/opt/trt/bin/trt-python}
+export PYTHONPATH=/opt/py312:$PWD
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
+ZOO=${ZOO:-/tmp/zoo}
+step=${1:?step: export | check | convert | table}; shift
+case "$step" in
+  export)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+    timeout 560 python3 bench/zoo/export_zoo.py --bucket "$ZOO" "$@" 2>&1 | grep -E '^\{' | tee -a "$OUT/zoo-export.txt"
+    ;;
+  check)
+    timeout 560 python3 bench/zoo/check_zoo.py --bucket "$ZOO" "$@" 2>&1 | grep -E '^\{' | tee "$OUT/zoo-check.jsonl"
+    ;;
+  convert)
+    timeout 590 python3 bench/zoo/run_zoo.py convert --bucket "$ZOO" --budget 540 "$@" 2>&1 | grep -E '^\{' | cut -c1-400
+    python3 bench/zoo/run_zoo.py table --bucket "$ZOO" --out "$OUT/zoo-table.md" | tail -3
+    cp "$ZOO/_zoo/results.jsonl" "$OUT/zoo-results-all.jsonl"
+    ;;
+  table)
+    python3 bench/zoo/run_zoo.py table --bucket "$ZOO" --out "$OUT/zoo-table.md"
+    ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
