@@ -162,7 +162,9 @@ def make_calibrator(trt: Any, calibration: Dict[str, Any], profile: Dict[str, Di
         The calibrator; after the build, ``.error`` holds an exception raised inside a callback (to
         re-raise) and ``.summary()`` the response's ``calibration`` record.
     """
-    import pycuda.driver as cuda
+    from tasks.gpu.cuda_backend import cuda_api
+
+    cuda = cuda_api()  # pycuda or cuda-python, as the runtime uses
 
     opt_shapes = {name: list(rng["opt"]) for name, rng in profile.items()}
     feed_args = (cuda, calibration, opt_shapes, input_dtypes)
