@@ -372,7 +372,7 @@ def plan_build(caps: Caps, precision: str, int8_mode: Optional[str] = None,
         return weak(["INT8"] + (["FP16"] if caps.fp16_flag else []))
     if graph_precision == "fp32":
         notes.append("the Q/DQ graph's unquantised layers are FP32 and a strongly typed build keeps them FP32 "
-                     "(slower than INT8+FP16): give the Q/DQ graph over FP16 (qdq_high_precision: fp16).")
+                     "(slower than INT8+FP16): give the Q/DQ graph over FP16 (calibration.high_precision: fp16).")
     return strong()
 
 
@@ -441,12 +441,26 @@ def fp16_graph_wanted(caps: Caps, source: str = "auto") -> bool:
     return source != "flag" and fp16_from_graph(caps)
 
 
-def int8_qdq_graph_precision(caps: Optional[Caps]) -> str:
-    """Float type of the Q/DQ graph's unquantised part: fp16 where the build is strongly typed
-    (TensorRT 10+: NVIDIA's default, ModelOpt's ``high_precision_dtype="fp16"``), fp32 for 8.6,
-    whose weakly typed build picks FP16 itself (INT8+FP16 flags) and whose parser (opset <= 17)
-    cannot read FP16 Q/DQ scales (opset 19). Unknown target: fp32, which every parser reads."""
-    return "fp16" if caps is not None and caps.strongly_typed and caps.parser_max_opset >= 19 else "fp32"
+def int8_qdq_graph_precision(caps: Optional[Caps], wanted: str = "auto") -> str:
+    """Float type of the Q/DQ graph's unquantised part (spec ``calibration.high_precision``).
+
+    auto: fp16 where the build is strongly typed (TensorRT 10+: NVIDIA's default, ModelOpt's
+    ``high_precision_dtype="fp16"``), fp32 for 8.6, whose weakly typed build picks FP16 itself
+    (INT8+FP16 flags) and whose parser (opset <= 17) cannot read FP16 Q/DQ scales (opset 19).
+    Unknown target: fp32, which every parser reads.
+
+    Raises:
+        ModelError: fp16 asked for a target whose parser cannot read FP16 scales.
+    """
+    readable = caps is not None and caps.strongly_typed and caps.parser_max_opset >= 19
+    if wanted == "fp16" and caps is not None and not readable:
+        raise ModelError(f"calibration.high_precision is fp16, but TensorRT {caps.version} cannot build a Q/DQ graph "
+                         f"over FP16 (its parser reads opset <= {caps.parser_max_opset}; FP16 scales need 19).",
+                         fix="Set calibration.high_precision: auto (8.6 runs the unquantised layers in FP16 through "
+                             "its INT8+FP16 flags).")
+    if wanted in ("fp16", "fp32"):
+        return wanted
+    return "fp16" if readable else "fp32"
 
 
 def int8_build_variants(caps: Caps) -> List[Dict[str, str]]:
