@@ -33,12 +33,15 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
             implicit calibrator on a TensorRT without it, a Q/DQ graph TensorRT would reject.
     """
     caps = env.caps or {}
-    if precision == "fp16" and caps and compat.fp16_from_graph(compat.Caps.from_dict(caps)):
+    if precision == "fp16" and caps and compat.fp16_graph_wanted(compat.Caps.from_dict(caps), spec.fp16.source):
         # TensorRT 11 has no FP16 builder flag: FP16 must come from the graph itself.
         from tasks.fp16 import fp16_graph_from_onnx
 
-        out = fp16_graph_from_onnx(package.model_path, Path(workdir) / "model.fp16.onnx")
-        return Prepared(out, graph_precision="fp16", record={"fp16": "graph converted to FP16 (strongly typed build)"})
+        f16 = spec.fp16
+        out = fp16_graph_from_onnx(package.model_path, Path(workdir) / "model.fp16.onnx", keep_io_types=f16.keep_io_types,
+                                   op_block_list=f16.keep_fp32_op_types, node_block_list=f16.keep_fp32_nodes,
+                                   converter=f16.converter)
+        return Prepared(out.path, graph_precision="fp16", record={"fp16": out.to_record()})
     if precision != "int8":
         return Prepared(package.model_path)
 
@@ -80,4 +83,13 @@ def prepare(storage: Storage, *, env: GpuEnv, spec: ModelSpec, package: LocalPac
         raise ModelError("the Q/DQ model would be rejected or mis-built by TensorRT: " + "; ".join(problems),
                          fix="Report this with the model; meanwhile use calibration.mode: calibrator on TensorRT <= 10.")
     record.update(qdq_key=key, qdq_reused=reused)
+    high = compat.int8_qdq_graph_precision(compat.Caps.from_dict(caps) if caps else None, spec.calibration.high_precision)
+    record["high_precision"] = high
+    if high == "fp16":  # strongly typed INT8: the unquantised layers run in FP16 only if the graph says so
+        from tasks.fp16 import fp16_qdq_graph_from_qdq
+
+        out = fp16_qdq_graph_from_qdq(qdq_path, Path(workdir) / "model.qdq.fp16.onnx",
+                                      op_block_list=spec.fp16.keep_fp32_op_types, node_block_list=spec.fp16.keep_fp32_nodes)
+        record["fp16"] = out.to_record()
+        return Prepared(out.path, int8_mode="qdq", graph_precision="fp16", record=record)
     return Prepared(qdq_path, int8_mode="qdq", record=record)
