@@ -178,7 +178,7 @@ def _cudart() -> types.ModuleType:
                                     start=0)
     ok = m.cudaError_t.cudaSuccess
     m.calls = []
-    state = {"events": {}, "clock": 0.0}
+    state = {"events": {}, "clock": 0.0, "next_event": 100}
 
     class cudaStream_t(int):  # noqa: N801 - cuda-python's name; int() gives the handle
         pass
@@ -219,7 +219,11 @@ def _cudart() -> types.ModuleType:
     m.cudaStreamCreate = lambda: (ok, cudaStream_t(11))
     m.cudaStreamSynchronize = lambda stream: (ok,)
     m.cudaStreamDestroy = lambda stream: (ok,)
-    m.cudaEventCreate = lambda: (ok, cudaEvent_t(len(state["events"]) + 100 + len(m.calls)))
+    def event_create():
+        state["next_event"] += 1
+        return (ok, cudaEvent_t(state["next_event"]))
+
+    m.cudaEventCreate = event_create
     m.cudaEventRecord = record
     m.cudaEventSynchronize = lambda event: (ok,)
     m.cudaEventElapsedTime = lambda start, end: (ok, state["events"][int(end)] - state["events"][int(start)])
@@ -646,8 +650,9 @@ class IExecutionContext:
         self.profile = index
         return True
 
-    def set_input_shape(self, name: str, shape: Dims) -> bool:
-        assert isinstance(shape, Dims)
+    def set_input_shape(self, name: str, shape: Any) -> bool:
+        assert isinstance(shape, (Dims, list, tuple))  # pybind11 converts a list to Dims, as the real one does
+        shape = Dims(list(shape))
         if self.engine.plan["profiles"]:
             lo, _, hi = self.engine.plan["profiles"][self.profile][name]
             if any(not (a <= s <= b) for a, s, b in zip(lo, shape, hi)):
@@ -766,16 +771,20 @@ def _install_cuda_python(monkeypatch: Any) -> types.ModuleType:
     return cudart
 
 
-def install(monkeypatch: Any, version: str = "8.6.0", cuda: str = "pycuda") -> types.ModuleType:
+def install(monkeypatch: Any, version: str = "8.6.0", cuda: str = "pycuda", force: Optional[str] = None) -> types.ModuleType:
     """Put the doubles in ``sys.modules`` (undone by monkeypatch); returns the tensorrt double.
 
     Args:
         version: the TensorRT the double is shaped like ("8.6.0", "10.13.0", "11.1.0", or VERSIONS[major]).
         cuda: "pycuda", "cuda-python" or "both": which CUDA bindings import (the others do not).
+        force: TRTFLOW_CUDA for the test (None: unset, so the backend follows what imports).
     """
     trt = _tensorrt(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.delenv("TRTFLOW_CUDA", raising=False)
+    if force is None:
+        monkeypatch.delenv("TRTFLOW_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("TRTFLOW_CUDA", force)
     if cuda in ("pycuda", "both"):
         _install_pycuda(monkeypatch)
     else:
