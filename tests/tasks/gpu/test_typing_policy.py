@@ -218,3 +218,15 @@ def test_the_doubles_write_their_versions_inspector_format(monkeypatch, tmp_path
                                          "strongly_typed": True})
         info = json.loads(engine.create_engine_inspector().get_engine_information(trt_double.LayerInformationFormat.JSON))
         assert key in info and info["Layers"]
+
+
+def test_the_trt11_double_has_no_calibrator_api(monkeypatch):
+    trt = trt_double.install(monkeypatch, version=trt_double.VERSIONS[11])
+    caps = compat.caps_from_module(trt)
+    assert caps.strongly_typed_only and not caps.fp16_flag and not caps.int8_calibrator and not caps.explicit_batch_flag
+    assert caps.device_memory_size_v2 and not hasattr(trt, "IInt8EntropyCalibrator2")
+    config = trt.Builder(None).create_builder_config()
+    with pytest.raises(AttributeError, match="removed in TensorRT 11"):
+        config.int8_calibrator = object()
+    ten = compat.caps_from_module(trt_double.install(monkeypatch, version=trt_double.VERSIONS[10]))
+    assert ten.strongly_typed and not ten.strongly_typed_only and ten.int8_calibrator and not ten.explicit_batch_flag

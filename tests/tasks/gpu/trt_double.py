@@ -458,15 +458,34 @@ class IBuilderConfig:
 
 
 class _BuilderConfig11(IBuilderConfig):
-    """11.x: the calibrator attributes are gone (reading or setting one is an AttributeError)."""
+    """11.x: the calibrator API is gone. The class lacks the attributes (compat.caps_from_module
+    looks at the class) and an instance refuses them, as the 11.x bindings raise AttributeError."""
 
-    int8_calibrator = property()  # type: ignore[assignment]
-    set_calibration_profile = property()  # type: ignore[assignment]
+    _REMOVED = ("int8_calibrator", "set_calibration_profile", "get_calibration_profile")
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _BuilderConfig11._REMOVED:
+            raise AttributeError(f"'tensorrt.IBuilderConfig' object has no attribute '{name}' (removed in TensorRT 11)")
+        return super().__getattribute__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _BuilderConfig11._REMOVED:
+            raise AttributeError(f"'tensorrt.IBuilderConfig' object has no attribute '{name}' (removed in TensorRT 11)")
+        super().__setattr__(name, value)
 
     def __init__(self) -> None:
         self.__dict__.update(flags_set=[], pool_limits={}, builder_optimization_level=3,
                              hardware_compatibility_level=HardwareCompatibilityLevel.NONE,
                              profiling_verbosity=ProfilingVerbosity.LAYER_NAMES_ONLY, profiles=[], timing_cache=None)
+
+
+class _BuilderConfig11Class:
+    """What ``tensorrt.IBuilderConfig`` (the class) shows on 11: no calibrator attributes."""
+
+    builder_optimization_level = 3
+    hardware_compatibility_level = HardwareCompatibilityLevel.NONE
+    set_memory_pool_limit = IBuilderConfig.set_memory_pool_limit
+    set_flag = IBuilderConfig.set_flag
 
 
 def _calibrate(logger: ILogger, network: INetworkDefinition, calib: Any) -> Optional[str]:
@@ -733,7 +752,7 @@ def _tensorrt(version: str) -> types.ModuleType:
                  "ITimingCache", "Builder", "EngineInspector", "IExecutionContext", "Runtime"):
         setattr(m, name, globals()[name])
     m.ParserError = ParserError if major < 10 else _ParserError10
-    m.IBuilderConfig = IBuilderConfig if major < 11 else _BuilderConfig11
+    m.IBuilderConfig = IBuilderConfig if major < 11 else _BuilderConfig11Class
     m.ICudaEngine = type("ICudaEngine", (ICudaEngine,), {"device_memory_size_v2": 0} if major >= 10 else {})
     for name in _PLAIN:
         setattr(m, name, globals()[name])
