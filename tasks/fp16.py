@@ -158,7 +158,7 @@ def _onnxruntime_fp16(model: onnx.ModelProto, keep_io_types: bool, op_types: Lis
     converted = convert_float_to_float16(model, keep_io_types=keep_io_types, disable_shape_infer=large,
                                          op_block_list=TENSORRT_FP16_OP_BLOCK_LIST + op_types,
                                          node_block_list=nodes or None)
-    _toposort(converted.graph)
+    _toposort(converted.graph)  # the converter appends its Casts after their consumers
     return converted
 
 
@@ -204,6 +204,7 @@ def fp16_graph_from_onnx(model_path: Union[str, Path], out_path: Union[str, Path
         raise ModelError(f"converting the model to FP16 ({chosen}) failed: {err}",
                          fix="Keep the failing node or op type in FP32 (fp16.keep_fp32_nodes / keep_fp32_op_types), "
                              "or build FP16 with TensorRT's FP16 flag (TensorRT <= 10).") from None
+    _toposort(converted.graph)  # inserted Casts may follow their consumers (onnxruntime's do); a no-op otherwise
     converted.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(converted.opset_import))
     _save(converted, out_path, large)
     return Fp16Graph(out_path, chosen, keep_io_types, op_types, nodes, report["clamped"], report["flushed"])
