@@ -1,4 +1,4 @@
-"""Implicit INT8 calibration: an ``IInt8EntropyCalibrator2`` fed from .npz batches with pycuda.
+"""Implicit INT8 calibration: an ``IInt8EntropyCalibrator2`` fed from .npz batches (pycuda or cuda-python).
 
 TensorRT <= 10 only (removed in 11; compat.plan_build refuses it there). Each batch file holds one
 array per network input, keyed by input name, whose shape must equal the calibration profile's opt
@@ -77,7 +77,7 @@ def check_calibration_batches(paths: List[str], opt_shapes: Dict[str, List[int]]
 class CalibrationFeed:
     """What the calibrator does, apart from TensorRT's base class: feeds .npz batches into device
     buffers, reads and writes the cache, and keeps the first error (an exception must not cross
-    into TensorRT's C++). ``cuda`` is pycuda.driver (or a test double of it)."""
+    into TensorRT's C++). ``cuda`` is tasks/gpu/cuda_backend's interface (or a test double of it)."""
 
     def __init__(self, cuda: Any, calibration: Dict[str, Any], opt_shapes: Dict[str, List[int]],
                  input_dtypes: Dict[str, Any]) -> None:

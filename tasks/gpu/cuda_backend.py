@@ -170,7 +170,8 @@ class CudaPythonDriver:
         ptr = int(self.call(self.cudart.cudaMallocHost(max(count * dtype.itemsize, 1)), "cudaMallocHost"))
         raw = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_ubyte)), (max(count * dtype.itemsize, 1),))
         array = raw[:count * dtype.itemsize].view(dtype).reshape(tuple(shape))
-        weakref.finalize(raw, self.cudart.cudaFreeHost, ptr)  # freed when the last view is gone, as in pycuda
+        freeing = weakref.finalize(raw, self.cudart.cudaFreeHost, ptr)  # when the last view is gone, as in pycuda
+        freeing.atexit = False  # not at interpreter exit, after CUDA's own teardown: the driver reclaims it
         return array
 
     def _copy(self, dst: int, src: int, nbytes: int, kind: Any, stream: Any, what: str) -> None:
