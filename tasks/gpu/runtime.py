@@ -92,7 +92,7 @@ def _cuda_python_info() -> Dict[str, str]:
             from cuda.bindings import driver as cu, runtime as cudart  # cuda-python >= 12.6 layout
         except ImportError:
             from cuda import cuda as cu, cudart  # older layout
-        cu.cuInit(0)  # idempotent; pycuda initialised the driver already
+        cu.cuInit(0)  # idempotent; the CUDA backend initialised the driver already
         _, dev = cu.cuDeviceGet(0)
         _, uuid = getattr(cu, "cuDeviceGetUuid_v2", cu.cuDeviceGetUuid)(dev)
         raw = bytes(uuid.bytes)
