@@ -128,7 +128,7 @@ def reference(package: LocalPackage, spec: ModelSpec, profiles: List[dict]):
 def prepare_precision(storage, target: Target, spec: ModelSpec, package: LocalPackage, precision: str,
                       profiles: List[dict], workdir: Path) -> precision_inputs.Prepared:
     """The precision's ONNX for the target TensorRT: the model, its Q/DQ graph or its FP16 graph (CPU)."""
-    return precision_inputs.prepare(storage, tensorrt=target.tensorrt, caps=target.caps, target_key=target.key,
+    return precision_inputs.prepare(storage, tensorrt=target.tensorrt, caps=target.policy(), target_key=target.key,
                                     spec=spec, package=package, precision=precision, profiles=profiles,
                                     workdir=workdir)
 

@@ -23,33 +23,35 @@ class Prepared:
     record: dict = field(default_factory=dict)  # what the manifest says about calibration
 
 
-def prepare(storage: Storage, *, tensorrt: str, caps: dict, target_key: Optional[str], spec: ModelSpec,
+def prepare(storage: Storage, *, tensorrt: str, caps: compat.Caps, target_key: Optional[str], spec: ModelSpec,
             package: LocalPackage, precision: str, profiles: List[dict], workdir: Path) -> Prepared:
     """Make the inputs of one precision's engine build, for the target TensorRT (on the CPU pool).
 
     Args:
         tensorrt: the target TensorRT version ("8.6.1", "10.8"), a GPU worker's or the setting's.
-        caps: that worker's capabilities (tasks/gpu/compat.py Caps as a dict); {} when no worker is
-            known, which keeps the defaults (FP16 flag, implicit calibrator) of TensorRT <= 10.
+        caps: the target's TensorRT policy (tasks/gpu/compat.py): a worker's probed caps, or what the
+            configured target version offers when no worker is known.
         target_key: ``sm_XX-trtVER`` of that worker, for the calibrator cache (None: no cache reuse).
 
     Raises:
         ModelError: INT8 without calibration data (and without ``calibration.synthetic: true``), the
             implicit calibrator on a TensorRT without it, a Q/DQ graph TensorRT would reject.
     """
-    caps = caps or {}
-    if precision == "fp16" and caps and compat.fp16_from_graph(compat.Caps.from_dict(caps)):
+    if precision == "fp16" and compat.fp16_graph_wanted(caps, spec.fp16.source):
         # TensorRT 11 has no FP16 builder flag: FP16 must come from the graph itself.
         from tasks.fp16 import fp16_graph_from_onnx
 
-        out = fp16_graph_from_onnx(package.model_path, Path(workdir) / "model.fp16.onnx")
-        return Prepared(out, graph_precision="fp16", record={"fp16": "graph converted to FP16 (strongly typed build)"})
+        f16 = spec.fp16
+        out = fp16_graph_from_onnx(package.model_path, Path(workdir) / "model.fp16.onnx", keep_io_types=f16.keep_io_types,
+                                   op_block_list=f16.keep_fp32_op_types, node_block_list=f16.keep_fp32_nodes,
+                                   converter=f16.converter)
+        return Prepared(out.path, graph_precision="fp16", record={"fp16": out.to_record()})
     if precision != "int8":
         return Prepared(package.model_path)
 
     from tasks import calibration, quantize
     mode = spec.calibration.mode
-    if mode == "calibrator" and caps and not compat.calibrator_available(compat.Caps.from_dict(caps)):
+    if mode == "calibrator" and not compat.calibrator_available(caps):
         raise ModelError(f"calibration.mode 'calibrator' needs TensorRT's implicit INT8 calibrator, which TensorRT "
                          f"{tensorrt} no longer has.", fix="Use calibration.mode: qdq (explicit quantisation).")
     folder = package.data_dir(spec.calibration.data)
@@ -86,4 +88,13 @@ def prepare(storage: Storage, *, tensorrt: str, caps: dict, target_key: Optional
         raise ModelError("the Q/DQ model would be rejected or mis-built by TensorRT: " + "; ".join(problems),
                          fix="Report this with the model; meanwhile use calibration.mode: calibrator on TensorRT <= 10.")
     record.update(qdq_key=key, qdq_reused=reused)
+    high = compat.int8_qdq_graph_precision(caps, spec.calibration.high_precision)
+    record["high_precision"] = high
+    if high == "fp16":  # strongly typed INT8: the unquantised layers run in FP16 only if the graph says so
+        from tasks.fp16 import fp16_qdq_graph_from_qdq
+
+        out = fp16_qdq_graph_from_qdq(qdq_path, Path(workdir) / "model.qdq.fp16.onnx",
+                                      op_block_list=spec.fp16.keep_fp32_op_types, node_block_list=spec.fp16.keep_fp32_nodes)
+        record["fp16"] = out.to_record()
+        return Prepared(out.path, int8_mode="qdq", graph_precision="fp16", record=record)
     return Prepared(qdq_path, int8_mode="qdq", record=record)

@@ -76,6 +76,7 @@ def build_manifest(*, name: str, package, spec, gpu_env: dict, precision: str, e
         "engine": {"sha256": engine.get("sha256"), "bytes": engine.get("bytes"),
                    "profiles": engine.get("profiles"), "io": engine.get("io"),
                    "strongly_typed": engine.get("strongly_typed"), "builder_flags": engine.get("builder_flags"),
+                   "typing": engine.get("typing"), "deprecations": engine.get("deprecations") or [],
                    "layer_precisions": (layers or {}).get("precisions")},
         "target": {"tensorrt": gpu_env.get("tensorrt"), "cuda_runtime": gpu_env.get("cuda_runtime"),
                    "driver": gpu_env.get("driver"), "gpu": gpu_env.get("gpu"),

@@ -15,6 +15,7 @@ Example ``trtflow.yaml``::
       method: entropy
       preprocess: {resize: 256, crop: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
     build: {workspace_mib: 4096, optimization_level: 3}
+    fp16: {keep_fp32_op_types: [Softmax], keep_fp32_nodes: [head/conv_out]}   # when FP16 fails its gate
 """
 from __future__ import annotations
 
@@ -111,8 +112,25 @@ class Calibration(_Strict):
     synthetic: bool = Field(False, description="allow random calibration data (accuracy then not representative)")
     exclude_nodes: List[str] = Field(default_factory=list, description="ONNX node names kept in float")
     exclude_op_types: List[str] = Field(default_factory=list, description="ONNX op types kept in float")
+    high_precision: Literal["auto", "fp16", "fp32"] = Field(
+        "auto", description="float type of the Q/DQ graph's unquantised layers; auto: fp16 where the build is "
+                            "strongly typed (TensorRT 10+), fp32 for 8.6 (its INT8+FP16 flags pick FP16)")
     input: Optional[str] = Field(None, description="input fed by images (default: the first input)")
     preprocess: Preprocess = Field(default_factory=Preprocess)
+
+
+class Fp16(_Strict):
+    """FP16 from the graph: an FP16 ONNX graph for strongly typed builds (TensorRT 11 has no FP16
+    flag) and the FP16 part of INT8 Q/DQ graphs. Nodes that fail the FP16 gate can stay FP32."""
+
+    source: Literal["auto", "graph", "flag"] = Field(
+        "auto", description="auto: an FP16 graph where TensorRT has no FP16 flag (11); graph: always (as 11 "
+                            "would, e.g. to compare); flag: TensorRT's FP16 flag (refused on 11)")
+    converter: Literal["auto", "modelopt", "onnxruntime"] = Field(
+        "auto", description="auto: NVIDIA ModelOpt AutoCast when installed, else onnxruntime's float16 converter")
+    keep_fp32_op_types: List[str] = Field(default_factory=list, description="ONNX op types kept in FP32")
+    keep_fp32_nodes: List[str] = Field(default_factory=list, description="ONNX node names kept in FP32")
+    keep_io_types: bool = Field(True, description="keep the model's float inputs/outputs FP32 (callers feed the same arrays)")
 
 
 class Eval(_Strict):
@@ -153,6 +171,7 @@ class ModelSpec(_Strict):
     profiles: List[Profile] = Field(default_factory=list, description="optimisation profiles, input name -> min/opt/max")
     tolerances: Dict[Precision, Tolerance] = Field(default_factory=dict, description="overrides of DEFAULT_TOLERANCES")
     calibration: Calibration = Field(default_factory=Calibration)
+    fp16: Fp16 = Field(default_factory=Fp16)
     eval: Eval = Field(default_factory=Eval)
     build: Build = Field(default_factory=Build)
     bench: Bench = Field(default_factory=Bench)

@@ -10,7 +10,8 @@ Modules:
     compat      every TensorRT-version decision, as pure functions (unit-tested on CPU)
     build       ONNX -> serialized engine, timing cache, engine inspector
     calibrator  implicit INT8 calibration (IInt8EntropyCalibrator2) over .npz batches
-    runtime     EngineRunner: run an engine with pycuda and the named-tensor API
+    runtime     EngineRunner: run an engine through the named-tensor API
+    cuda_backend  one small CUDA interface over pycuda or cuda-python (TRTFLOW_CUDA forces one)
     check       run an engine on the eval inputs, write its outputs
     bench       latency percentiles, throughput, device memory
 
@@ -18,6 +19,6 @@ The Python 3.9 rule: TensorRT 8.6's full builder only exists for Python <= 3.9 (
 ../shared/gpu/README.md), so everything here must run on Python 3.9. Every module starts with
 ``from __future__ import annotations``; no ``match``; no ``X | Y`` outside annotations; runtime
 typing uses ``typing.Optional/List/Dict``. Imports are limited to the standard library, numpy,
-onnx, tensorrt, pycuda (cuda-python allowed) and tasks.errors; tensorrt and pycuda are imported
+onnx, tensorrt, pycuda or cuda-python, and tasks.errors; tensorrt and the CUDA bindings are imported
 inside functions so that compat and the pure helpers import on any CPU machine.
 """

@@ -6,8 +6,9 @@ TensorRT's own messages included (WARNING and up; all of them with ``"verbose": 
 
 Verbs and their requests:
 
-``probe`` ``{}`` -> ``{"env": {tensorrt, gpu, compute_capability, driver, cuda_runtime, python,
-interpreter, gpu_uuid, memory_total_mib, caps: {...}}}`` (``caps``: tasks/gpu/compat.py ``Caps``).
+``probe`` ``{}`` -> ``{"env": {tensorrt, gpu, compute_capability, driver, cuda_runtime, cuda_backend,
+python, interpreter, gpu_uuid, memory_total_mib, caps: {...}}}`` (``caps``: tasks/gpu/compat.py ``Caps``;
+``cuda_backend``: "pycuda" | "cuda-python", tasks/gpu/cuda_backend.py, TRTFLOW_CUDA forces one).
 
 ``engine`` -> build, then optionally run the eval inputs and benchmark, in one process::
 
@@ -15,7 +16,8 @@ interpreter, gpu_uuid, memory_total_mib, caps: {...}}}`` (``caps``: tasks/gpu/co
     out_dir            absolute; model.plan and layers.json are written here
     precision          "fp32" | "fp16" | "int8"
     int8_mode          "qdq" | "calibrator" | null (int8 only; null means qdq)
-    graph_precision    "fp32" | "fp16" (an FP16 ONNX graph, for strongly typed FP16 builds)
+    graph_precision    "fp32" | "fp16" (an FP16 ONNX graph, or for int8 a Q/DQ graph over FP16: strongly typed)
+    typing             "weak" | "strong" | null (null: the graph decides, compat.plan_build)
     profiles           [{input: {"min": [...], "opt": [...], "max": [...]}}]; [] -> a default profile
                        for a dynamic dim 0 (1 / default_opt_batch / default_max_batch)
     default_opt_batch, default_max_batch, workspace_mib, optimization_level (null: TensorRT's default)
@@ -26,8 +28,8 @@ interpreter, gpu_uuid, memory_total_mib, caps: {...}}}`` (``caps``: tasks/gpu/co
     bench              {"warmup": int, "iterations": int, "shape": null | {input: shape}} | null
     verbose            bool
 
--> ``{"env", "engine": {path, bytes, sha256, build_seconds, strongly_typed, builder_flags, profiles,
-io}, "timing_cache": {loaded_bytes, saved_bytes}, "layers": {path, precisions}, "calibration":
+-> ``{"env", "engine": {path, bytes, sha256, build_seconds, strongly_typed, typing, deprecations,
+builder_flags, profiles, io}, "timing_cache": {loaded_bytes, saved_bytes}, "layers": {path, precisions}, "calibration":
 {cache_bytes, reused} | null, "eval": {outputs, calls, seconds} | null, "bench": {shape, batch,
 iterations, latency_ms: {mean, p50, p90, p99, min, max}, throughput_per_s, device_memory_bytes} | null}``
 

@@ -360,8 +360,9 @@ def _build_failure(logger: Any, what: str) -> Exception:
 
 def _plan(caps: compat.Caps, request: Dict[str, Any]) -> compat.BuildPlan:
     precision = str(request.get("precision") or "fp32")
-    plan = compat.plan_build(caps, precision, request.get("int8_mode"), request.get("graph_precision") or "fp32")
-    for note in plan.notes:
+    plan = compat.plan_build(caps, precision, request.get("int8_mode"), request.get("graph_precision") or "fp32",
+                             request.get("typing"))
+    for note in plan.notes + plan.deprecations:
         log.warning("%s", note)
     if plan.needs_fp16_graph:
         raise ModelError(f"TensorRT {caps.version} builds FP16 engines only from an FP16 ONNX graph (strongly typed), "
@@ -525,6 +526,7 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
         "engine": {"path": str(plan_path), "bytes": nbytes, "sha256": sha, "build_seconds": round(build_seconds, 3),
                    "parse_seconds": round(parse_seconds, 3), "strongly_typed": plan.strongly_typed,
                    "builder_flags": flags, "network_flags": list(plan.network_flags), "profiles": profiles,
+                   "typing": plan.typing, "deprecations": list(plan.deprecations),
                    "plan": plan.to_dict(), "io": engine_io(trt, engine)},
         "timing_cache": {"loaded_bytes": cache_loaded, "saved_bytes": cache_saved},
         "layers": _inspect_layers(trt, engine, caps, profiles, out_dir),

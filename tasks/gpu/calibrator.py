@@ -1,4 +1,4 @@
-"""Implicit INT8 calibration: an ``IInt8EntropyCalibrator2`` fed from .npz batches with pycuda.
+"""Implicit INT8 calibration: an ``IInt8EntropyCalibrator2`` fed from .npz batches (pycuda or cuda-python).
 
 TensorRT <= 10 only (removed in 11; compat.plan_build refuses it there). Each batch file holds one
 array per network input, keyed by input name, whose shape must equal the calibration profile's opt
@@ -77,7 +77,7 @@ def check_calibration_batches(paths: List[str], opt_shapes: Dict[str, List[int]]
 class CalibrationFeed:
     """What the calibrator does, apart from TensorRT's base class: feeds .npz batches into device
     buffers, reads and writes the cache, and keeps the first error (an exception must not cross
-    into TensorRT's C++). ``cuda`` is pycuda.driver (or a test double of it)."""
+    into TensorRT's C++). ``cuda`` is tasks/gpu/cuda_backend's interface (or a test double of it)."""
 
     def __init__(self, cuda: Any, calibration: Dict[str, Any], opt_shapes: Dict[str, List[int]],
                  input_dtypes: Dict[str, Any]) -> None:
@@ -162,7 +162,9 @@ def make_calibrator(trt: Any, calibration: Dict[str, Any], profile: Dict[str, Di
         The calibrator; after the build, ``.error`` holds an exception raised inside a callback (to
         re-raise) and ``.summary()`` the response's ``calibration`` record.
     """
-    import pycuda.driver as cuda
+    from tasks.gpu.cuda_backend import cuda_api
+
+    cuda = cuda_api()  # pycuda or cuda-python, as the runtime uses
 
     opt_shapes = {name: list(rng["opt"]) for name, rng in profile.items()}
     feed_args = (cuda, calibration, opt_shapes, input_dtypes)

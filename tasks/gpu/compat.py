@@ -26,7 +26,7 @@ Python 3.9-compatible; imports only the standard library and tasks.errors.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from tasks.errors import ModelError
@@ -290,10 +290,16 @@ class BuildPlan:
     strongly_typed: bool = False
     use_calibrator: bool = False
     needs_fp16_graph: bool = False  # FP16 must come from an FP16 ONNX graph, which this build lacks
-    notes: List[str] = field(default_factory=list)           # worth a log line (deprecations)
+    notes: List[str] = field(default_factory=list)           # worth a log line
+    deprecations: List[str] = field(default_factory=list)    # paths this TensorRT deprecates (log + manifest)
+
+    @property
+    def typing(self) -> str:
+        """"strong" or "weak": what the manifest records as the build's typing."""
+        return "strong" if self.strongly_typed else "weak"
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        return dict(asdict(self), typing=self.typing)
 
 
 def _strongly_typed_network_flags(caps: Caps) -> List[str]:
@@ -303,29 +309,82 @@ def _strongly_typed_network_flags(caps: Caps) -> List[str]:
     return ["STRONGLY_TYPED"]
 
 
+TYPINGS = ("weak", "strong")
+
+
 def plan_build(caps: Caps, precision: str, int8_mode: Optional[str] = None,
-               graph_precision: Optional[str] = "fp32") -> BuildPlan:
+               graph_precision: Optional[str] = "fp32", typing: Optional[str] = None) -> BuildPlan:
     """Decide network creation flags, builder flags and typing for one engine build.
 
     Args:
         caps: the TensorRT installation (``caps_from_module`` or ``Caps.from_dict(probe["caps"])``).
         precision: "fp32" | "fp16" | "int8".
         int8_mode: for int8: "qdq" (explicit Q/DQ graph, default) or "calibrator" (implicit).
-        graph_precision: float type of the ONNX graph given: "fp32", or "fp16" for an FP16 graph.
+        graph_precision: float type of the ONNX graph given: "fp32", or "fp16" for an FP16 graph
+            (for int8: a Q/DQ graph whose unquantised part is FP16).
+        typing: "weak" | "strong" to force one (``strategy: best`` on 10.x builds both); None: the
+            graph decides (an FP16 graph builds strongly typed where TensorRT can).
 
     Returns:
         The plan. ``needs_fp16_graph`` says the caller must supply an FP16 ONNX graph (TensorRT 11
         has no FP16 builder flag); build.py refuses such a plan with a ModelError.
+        ``deprecations`` names what this build uses that the TensorRT deprecates.
 
     Raises:
-        ModelError: an unknown value or an impossible combination (the implicit calibrator on
-            TensorRT 11, an FP32 engine from an FP16 graph).
+        ModelError: an unknown value or an impossible combination (the implicit calibrator or a
+            weakly typed build on TensorRT 11, a strongly typed build on 8.6, an FP32 engine from
+            an FP16 graph).
     """
     graph_precision = graph_precision or "fp32"
+    int8_mode = _check_plan_args(caps, precision, int8_mode, graph_precision, typing)
+    base_flags = ["EXPLICIT_BATCH"] if caps.explicit_batch_flag else []
+    args = dict(precision=precision, int8_mode=int8_mode, graph_precision=graph_precision)
+    notes: List[str] = []
+
+    def weak(builder_flags: List[str], **extra: Any) -> BuildPlan:
+        plan = BuildPlan(network_flags=list(base_flags), builder_flags=builder_flags, strongly_typed=False,
+                         notes=notes, **args, **extra)
+        return replace(plan, deprecations=deprecations(caps, plan))
+
+    def strong(**extra: Any) -> BuildPlan:
+        plan = BuildPlan(network_flags=base_flags + _strongly_typed_network_flags(caps), builder_flags=[],
+                         strongly_typed=True, notes=notes, **args, **extra)
+        return replace(plan, deprecations=deprecations(caps, plan))
+
+    if precision == "fp32":
+        # An FP32 graph means the same thing typed or untyped; 11.x only knows typed networks.
+        return strong() if (caps.strongly_typed_only or typing == "strong") else weak([])
+    if precision == "fp16":
+        if typing != "weak" and graph_precision == "fp16" and caps.strongly_typed:
+            return strong()  # the graph says which layers are FP16; TensorRT must not retype them
+        if typing != "strong" and caps.fp16_flag and not caps.strongly_typed_only:
+            return weak(["FP16"])
+        notes.append(f"TensorRT {caps.version} has no FP16 builder flag here: FP16 engines come from an FP16 ONNX graph.")
+        return strong(needs_fp16_graph=True)
+    if int8_mode == "calibrator":
+        # FP16 as well, so layers TensorRT cannot run in INT8 fall back to FP16 rather than FP32.
+        return weak(["INT8"] + (["FP16"] if caps.fp16_flag else []), use_calibrator=True)
+    # qdq: the Q/DQ nodes carry the scales. A Q/DQ graph over FP16 builds strongly typed (TensorRT
+    # keeps exactly the graph's types); over FP32 weakly typed with INT8+FP16 where TensorRT still
+    # can, so the unquantised layers may run in FP16 (strongly typed they would run in FP32).
+    weak_possible = caps.int8_flag and not caps.strongly_typed_only
+    if typing == "weak" or (typing is None and weak_possible and (graph_precision == "fp32" or not caps.strongly_typed)):
+        return weak(["INT8"] + (["FP16"] if caps.fp16_flag else []))
+    if graph_precision == "fp32":
+        notes.append("the Q/DQ graph's unquantised layers are FP32 and a strongly typed build keeps them FP32 "
+                     "(slower than INT8+FP16): give the Q/DQ graph over FP16 (calibration.high_precision: fp16).")
+    return strong()
+
+
+def _check_plan_args(caps: Caps, precision: str, int8_mode: Optional[str], graph_precision: str,
+                     typing: Optional[str]) -> Optional[str]:
+    """The INT8 mode to use (None unless int8); ModelError for values and combinations that cannot build."""
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}.", fix=f"Use one of {', '.join(PRECISIONS)}.")
     if graph_precision not in GRAPH_PRECISIONS:
         raise ModelError(f"unknown graph precision {graph_precision!r}.", fix=f"Use one of {', '.join(GRAPH_PRECISIONS)}.")
+    if typing is not None and typing not in TYPINGS:
+        raise ModelError(f"unknown build typing {typing!r}.", fix="Use weak, strong, or leave it unset.")
     if precision != "int8":
         int8_mode = None
     elif int8_mode is None:
@@ -335,47 +394,85 @@ def plan_build(caps: Caps, precision: str, int8_mode: Optional[str] = None,
     if precision == "fp32" and graph_precision == "fp16":
         raise ModelError("an FP32 engine cannot be built from an FP16 ONNX graph.",
                          fix="Build fp32 from the original FP32 model; the FP16 graph is only for fp16 engines.")
+    if int8_mode == "calibrator" and not calibrator_available(caps):
+        why = ("implicit INT8 calibration was removed in TensorRT 11" if caps.major >= 11 or caps.strongly_typed_only
+               else "this TensorRT has no implicit INT8 calibrator")
+        raise ModelError(f"{why} (this worker has TensorRT {caps.version}).",
+                         fix="use calibration.mode: qdq (explicit quantisation with Q/DQ nodes)")
+    if typing == "weak" and caps.strongly_typed_only:
+        raise ModelError(f"TensorRT {caps.version} builds strongly typed networks only; a weakly typed "
+                         f"{precision} build (builder flags) is not possible.",
+                         fix="Build from a graph that carries its types: an FP16 graph for fp16, Q/DQ over FP16 for int8.")
+    if typing == "strong" and not caps.strongly_typed:
+        raise ModelError(f"TensorRT {caps.version} cannot build strongly typed networks (10.0+ can).",
+                         fix="Leave the typing to trtflow (weakly typed with builder flags on this TensorRT).")
+    return int8_mode
 
-    base_flags = ["EXPLICIT_BATCH"] if caps.explicit_batch_flag else []
-    plan = dict(precision=precision, int8_mode=int8_mode, graph_precision=graph_precision)
-    notes: List[str] = []
 
-    def weak(builder_flags: List[str], **extra: Any) -> BuildPlan:
-        return BuildPlan(network_flags=list(base_flags), builder_flags=builder_flags, strongly_typed=False,
-                         notes=notes, **plan, **extra)
+def deprecations(caps: Caps, plan: BuildPlan) -> List[str]:
+    """What ``plan`` uses that the worker's TensorRT deprecates (facts from NVIDIA's release notes:
+    calibrators deprecated in 10.1, weak typing (BuilderFlag.FP16/INT8) in 10.12, EXPLICIT_BATCH in
+    10.0; all of them removed or ignored in 11)."""
+    v = (caps.major, caps.minor)
+    out: List[str] = []
+    weak_flags = [f for f in plan.builder_flags if f in ("FP16", "INT8")]
+    if weak_flags and v >= (10, 12):
+        out.append(f"TensorRT {caps.version} deprecates weak typing (BuilderFlag {'/'.join(weak_flags)}, deprecated "
+                   f"since 10.12, removed in 11): build strongly typed from an FP16 graph / Q/DQ over FP16.")
+    if plan.use_calibrator and v >= (10, 1):
+        out.append(f"TensorRT {caps.version} deprecates implicit INT8 calibration (since 10.1, removed in 11): "
+                   f"use calibration.mode: qdq.")
+    if "EXPLICIT_BATCH" in plan.network_flags and caps.major >= 10:
+        out.append(f"TensorRT {caps.version} deprecates NetworkDefinitionCreationFlag.EXPLICIT_BATCH (ignored since 10.0).")
+    return out
 
-    def strong(**extra: Any) -> BuildPlan:
-        return BuildPlan(network_flags=base_flags + _strongly_typed_network_flags(caps), builder_flags=[],
-                         strongly_typed=True, notes=notes, **plan, **extra)
 
-    if precision == "fp32":
-        # An FP32 graph means the same thing typed or untyped; 11.x only knows typed networks.
-        return strong() if caps.strongly_typed_only else weak([])
+def fp16_graph_wanted(caps: Caps, source: str = "auto") -> bool:
+    """Whether an FP16 engine is built from an FP16 ONNX graph (strongly typed where TensorRT can).
 
-    if precision == "fp16":
-        if graph_precision == "fp16" and caps.strongly_typed:
-            return strong()  # the graph says which layers are FP16; TensorRT must not retype them
-        if caps.fp16_flag and not caps.strongly_typed_only:
-            return weak(["FP16"])
-        notes.append(f"TensorRT {caps.version} has no FP16 builder flag: FP16 engines come from an FP16 ONNX graph.")
-        return strong(needs_fp16_graph=True)
+    ``source`` (spec ``fp16.source``): auto (graph only where there is no FP16 flag: TensorRT 11),
+    graph (always: as 11 would, e.g. to compare throughput on 8.6/10), flag (never; refused on 11).
+    """
+    if source == "graph":
+        return True
+    if source == "flag" and fp16_from_graph(caps):
+        raise ModelError(f"fp16.source is 'flag', but TensorRT {caps.version} has no FP16 builder flag.",
+                         fix="Set fp16.source: auto (or graph): TensorRT 11 builds FP16 from an FP16 ONNX graph.")
+    return source != "flag" and fp16_from_graph(caps)
 
-    # int8
-    if int8_mode == "calibrator":
-        if not calibrator_available(caps):
-            why = ("implicit INT8 calibration was removed in TensorRT 11" if caps.major >= 11 or caps.strongly_typed_only
-                   else "this TensorRT has no implicit INT8 calibrator")
-            raise ModelError(f"{why} (this worker has TensorRT {caps.version}).",
-                             fix="use calibration.mode: qdq (explicit quantisation with Q/DQ nodes)")
-        if caps.major >= 10:
-            notes.append(f"implicit INT8 calibration is deprecated in TensorRT {caps.version}; prefer calibration.mode: qdq.")
-        # FP16 as well, so layers TensorRT cannot run in INT8 fall back to FP16 rather than FP32.
-        return weak(["INT8"] + (["FP16"] if caps.fp16_flag else []), use_calibrator=True)
-    # qdq: the Q/DQ nodes carry the scales. Strongly typed where TensorRT can (10+), so it keeps the
-    # quantisation exactly as the graph says; on 8.6 the INT8 flag is what makes it honour Q/DQ.
-    if caps.strongly_typed:
-        return strong()
-    return weak(["INT8"] + (["FP16"] if caps.fp16_flag else []))
+
+def int8_qdq_graph_precision(caps: Optional[Caps], wanted: str = "auto") -> str:
+    """Float type of the Q/DQ graph's unquantised part (spec ``calibration.high_precision``).
+
+    auto: fp16 where the build is strongly typed (TensorRT 10+: NVIDIA's default, ModelOpt's
+    ``high_precision_dtype="fp16"``), fp32 for 8.6, whose weakly typed build picks FP16 itself
+    (INT8+FP16 flags) and whose parser (opset <= 17) cannot read FP16 Q/DQ scales (opset 19).
+    Unknown target: fp32, which every parser reads.
+
+    Raises:
+        ModelError: fp16 asked for a target whose parser cannot read FP16 scales.
+    """
+    readable = caps is not None and caps.strongly_typed and caps.parser_max_opset >= 19
+    if wanted == "fp16" and caps is not None and not readable:
+        raise ModelError(f"calibration.high_precision is fp16, but TensorRT {caps.version} cannot build a Q/DQ graph "
+                         f"over FP16 (its parser reads opset <= {caps.parser_max_opset}; FP16 scales need 19).",
+                         fix="Set calibration.high_precision: auto (8.6 runs the unquantised layers in FP16 through "
+                             "its INT8+FP16 flags).")
+    if wanted in ("fp16", "fp32"):
+        return wanted
+    return "fp16" if readable else "fp32"
+
+
+def int8_build_variants(caps: Caps) -> List[Dict[str, str]]:
+    """The INT8 (Q/DQ) builds this TensorRT can make, preferred first, for ``strategy: best`` to
+    compare: each ``{"typing", "graph_precision"}``. 8.6: weakly typed INT8+FP16 over an FP32 Q/DQ
+    graph; 11: strongly typed Q/DQ over FP16; 10.x: both (strongly typed first: weak is deprecated)."""
+    variants: List[Dict[str, str]] = []
+    if caps.strongly_typed and caps.parser_max_opset >= 19:
+        variants.append({"typing": "strong", "graph_precision": "fp16"})
+    if caps.int8_flag and not caps.strongly_typed_only:
+        variants.append({"typing": "weak", "graph_precision": "fp32"})
+    return variants
 
 
 def describe_plan(plan: BuildPlan) -> str:

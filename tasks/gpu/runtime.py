@@ -1,12 +1,13 @@
-"""Run a TensorRT engine with pycuda: the named-tensor API and ``execute_async_v3`` on a stream.
+"""Run a TensorRT engine: the named-tensor API and ``execute_async_v3`` on a stream, over pycuda or
+cuda-python (tasks/gpu/cuda_backend.py).
 
 ``EngineRunner`` takes any number of inputs and outputs of any dtype TensorRT exposes, sets the
 input shapes on every call (dynamic shapes), sizes the outputs from the context, and copies through
 page-locked host buffers that are kept and grown between calls. Inputs are cast where TensorRT
 narrowed the ONNX type (int64 ids become an int32 engine input on TensorRT 8.6; bool stays bool).
 
-``device_info`` describes the GPU for the probe. Python 3.9-compatible; tensorrt and pycuda are
-imported inside functions, so the pure helpers (``coerce_input``) run on CPU.
+``device_info`` describes the GPU for the probe. Python 3.9-compatible; tensorrt and the CUDA
+bindings are imported inside functions, so the pure helpers (``coerce_input``) run on CPU.
 """
 from __future__ import annotations
 
@@ -65,51 +66,13 @@ def coerce_input(name: str, array: Any, dtype: np.dtype) -> np.ndarray:
                      fix=f"Give {name} as {dtype} (or a type that converts to it without loss).")
 
 
-_PRIMARY: List[Any] = []
-
-
-def _push_primary_context(cuda: Any) -> None:
-    """Retain device 0's primary context and push it (popped at exit); a no-op the second time.
-
-    This is what pycuda.autoprimaryctx does, minus its import of pycuda.tools, which uses
-    ``X | Y`` annotations at run time and so fails on Python 3.9 (measured on the H100 bundle).
-    """
-    if _PRIMARY:
-        return
-    import atexit
-
-    cuda.init()
-    context = cuda.Device(0).retain_primary_context()
-    context.push()
-    _PRIMARY.append(context)
-
-    def _pop() -> None:
-        try:
-            _PRIMARY.pop().pop()
-        except Exception:  # noqa: BLE001 - the process is exiting; the driver reclaims the context
-            pass
-
-    atexit.register(_pop)
-
-
 def cuda_init() -> Any:
     """Initialise CUDA and make device 0's primary context current (the one TensorRT's runtime API
-    uses too). Returns ``pycuda.driver``. InfraError where pycuda or the GPU is missing."""
-    import sys
+    uses too). Returns the CUDA interface of tasks/gpu/cuda_backend.py (pycuda or cuda-python).
+    InfraError where no CUDA bindings import or the GPU is missing."""
+    from tasks.gpu.cuda_backend import cuda_api
 
-    try:
-        import pycuda.driver as cuda
-    except Exception as err:  # noqa: BLE001 - ImportError, or OSError for a missing libcuda.so.1
-        raise InfraError(f"pycuda cannot be imported in {sys.executable} ({type(err).__name__}: {err})",
-                         fix="Set TRT_PYTHON to an interpreter with tensorrt and pycuda (pip install 'trtflow[gpu]' on "
-                             "a GPU worker, or /opt/trt/bin/trt-python), see README 'GPU worker'",
-                         retriable=False) from None
-    try:
-        _push_primary_context(cuda)
-    except Exception as err:  # noqa: BLE001 - pycuda.driver.Error subclasses
-        raise InfraError(f"CUDA could not start on this worker ({type(err).__name__}: {err}).",
-                         fix="Check the NVIDIA driver and CUDA_VISIBLE_DEVICES (nvidia-smi); retry on another worker.") from None
-    return cuda
+    return cuda_api()
 
 
 def _nvidia_driver_version() -> str:
@@ -129,7 +92,7 @@ def _cuda_python_info() -> Dict[str, str]:
             from cuda.bindings import driver as cu, runtime as cudart  # cuda-python >= 12.6 layout
         except ImportError:
             from cuda import cuda as cu, cudart  # older layout
-        cu.cuInit(0)  # idempotent; pycuda initialised the driver already
+        cu.cuInit(0)  # idempotent; the CUDA backend initialised the driver already
         _, dev = cu.cuDeviceGet(0)
         _, uuid = getattr(cu, "cuDeviceGetUuid_v2", cu.cuDeviceGetUuid)(dev)
         raw = bytes(uuid.bytes)
@@ -154,8 +117,11 @@ def device_info(trt: Any) -> Dict[str, Any]:
     major, minor = dev.compute_capability()
     driver_api = cuda.get_driver_version()  # e.g. 12040
     extra = _cuda_python_info()
-    built = ".".join(str(v) for v in cuda.get_version()[:2])  # the CUDA pycuda was built against
+    built = ".".join(str(v) for v in cuda.get_version()[:2])  # the CUDA the bindings were built against
+    from tasks.gpu.cuda_backend import backend_name
+
     return {
+        "cuda_backend": backend_name(),
         "tensorrt": str(trt.__version__),
         "gpu": str(dev.name()),
         "compute_capability": f"{major}.{minor}",

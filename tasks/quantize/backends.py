@@ -140,8 +140,11 @@ def _quantize_modelopt(model_path: Path, data: CalibrationData, spec: ModelSpec,
     """NVIDIA ModelOpt's ONNX PTQ (``modelopt.onnx.quantization.quantize``) with its own TensorRT placement.
 
     Keyword arguments are filtered by the installed version's signature (the API grew over releases).
-    Non-quantised layers stay FP32 (``high_precision_dtype="fp32"``) so that the graph builds on every
-    TensorRT; the FP16 builder flag (or tasks/fp16.py) handles FP16.
+    Non-quantised layers stay FP32 here (``high_precision_dtype="fp32"``), so that one cached Q/DQ
+    graph serves every target: 8.6 and weakly typed 10.x run them in FP16 through the FP16 flag; for
+    strongly typed builds (10+/11) precision_inputs turns the float part into FP16 afterwards
+    (tasks/fp16.fp16_qdq_graph_from_qdq), which is what ``high_precision_dtype="fp16"`` does after
+    calibrating in FP32, and the same for both backends.
     """
     from modelopt.onnx.quantization import quantize as mo_quantize
 

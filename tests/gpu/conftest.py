@@ -4,6 +4,10 @@ Run them with the GPU worker's interpreter, e.g. on the lent H100::
 
     /opt/trt/bin/trt-python -m pytest tests/gpu -q -s
 
+Every test runs once per CUDA backend of tasks/gpu/cuda_backend.py that imports here (ids
+``[pycuda]`` / ``[cuda_python]``; the subprocesses get ``TRTFLOW_CUDA``); with ``TRTFLOW_CUDA`` set
+in the environment only that backend runs, e.g. ``TRTFLOW_CUDA=cuda-python ... -k cuda_python``.
+
 Every test here is marked ``gpu`` and skipped, with the reason, where ``import tensorrt`` fails
 (CI, the Python 3.11 venv) or where no CUDA GPU is visible. This file and the tests import only
 what the TensorRT interpreter has (Python 3.9: numpy, onnx, onnxruntime, pytest; no prefect).
@@ -63,3 +67,33 @@ def pytest_collection_modifyitems(config, items):
 def trt_python_is_this_interpreter(monkeypatch):
     """tasks.gpu_client runs ``$TRT_PYTHON -m tasks.gpu``: here, the interpreter running the tests."""
     monkeypatch.setenv("TRT_PYTHON", sys.executable)
+
+
+def _backend_imports(name: str) -> Optional[str]:
+    """None when CUDA backend ``name`` imports in this interpreter, else why not."""
+    try:
+        if name == "pycuda":
+            import pycuda.driver  # noqa: F401
+        else:
+            from tasks.gpu.cuda_backend import _import_cudart
+
+            _import_cudart()
+    except Exception as err:  # noqa: BLE001 - ImportError, or OSError from a missing libcuda
+        return f"{name} does not import in {sys.executable} ({type(err).__name__}: {err})"
+    return None
+
+
+@pytest.fixture(autouse=True, params=["pycuda", "cuda-python"], ids=["pycuda", "cuda_python"])
+def cuda_backend(request, monkeypatch):
+    """Each GPU test once per CUDA backend (TRTFLOW_CUDA reaches the tasks.gpu subprocesses)."""
+    import os
+
+    name = request.param
+    wanted = os.environ.get("TRTFLOW_CUDA")
+    if wanted and wanted != name:
+        pytest.skip(f"TRTFLOW_CUDA={wanted}: the {name} run is left out")
+    why = _backend_imports(name)
+    if why:
+        pytest.skip(why)
+    monkeypatch.setenv("TRTFLOW_CUDA", name)
+    return name

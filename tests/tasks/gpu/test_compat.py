@@ -113,7 +113,8 @@ PLANS = [
     (TRT10, "fp32", None, "fp32", [], [], False, False, False),
     (TRT10, "fp16", None, "fp32", [], ["FP16"], False, False, False),
     (TRT10, "fp16", None, "fp16", ["STRONGLY_TYPED"], [], True, False, False),
-    (TRT10, "int8", "qdq", "fp32", ["STRONGLY_TYPED"], [], True, False, False),
+    (TRT10, "int8", "qdq", "fp32", [], ["INT8", "FP16"], False, False, False),  # as 8.6: unquantised layers FP16
+    (TRT10, "int8", "qdq", "fp16", ["STRONGLY_TYPED"], [], True, False, False),   # Q/DQ over FP16
     (TRT10, "int8", "calibrator", "fp32", [], ["INT8", "FP16"], False, True, False),
     (TRT11, "fp32", None, "fp32", [], [], True, False, False),
     (TRT11, "fp16", None, "fp32", [], [], True, False, True),
@@ -144,8 +145,9 @@ def test_calibrator_is_refused_on_trt11_with_the_fix():
 
 def test_calibrator_on_trt10_notes_the_deprecation():
     plan = compat.plan_build(TRT10, "int8", "calibrator")
-    assert any("deprecated" in n for n in plan.notes)
-    assert not compat.plan_build(TRT86, "int8", "calibrator").notes
+    assert any("implicit INT8 calibration" in d and "since 10.1" in d for d in plan.deprecations)
+    assert not compat.plan_build(TRT86, "int8", "calibrator").deprecations
+    assert plan.to_dict()["deprecations"] == plan.deprecations and plan.to_dict()["typing"] == "weak"
 
 
 @pytest.mark.parametrize("args, words", [

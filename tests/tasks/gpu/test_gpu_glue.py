@@ -20,10 +20,11 @@ from tests.models import save, small_cnn, two_input_model
 from tests.tasks.gpu import trt_double
 
 
-@pytest.fixture
-def gpu(monkeypatch):
-    """Runs a tasks.gpu verb in this process against the doubles; returns the response dict."""
-    trt_double.install(monkeypatch)
+@pytest.fixture(params=["pycuda", "cuda-python"])
+def gpu(monkeypatch, request):
+    """Runs a tasks.gpu verb in this process against the doubles (8.6, with each CUDA backend's);
+    returns the response dict."""
+    trt_double.install(monkeypatch, cuda=request.param)
     from tasks.gpu.__main__ import main
 
     def call(verb: str, request: dict, tmp: Path) -> dict:

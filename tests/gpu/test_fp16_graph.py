@@ -1,0 +1,71 @@
+"""FP16 from the graph, forced as TensorRT 11 would take it (spec ``fp16.source: graph``), against
+the FP16 builder flag on the same TensorRT: throughput within 10% and the FP16 gate passed.
+
+ResNet-50 (tests/resnet50.py, random weights) always; more models (e.g. the zoo's detector) with
+``TRTFLOW_FP16_COMPARE=/path/a.onnx:/path/b.onnx`` (a dynamic batch gets the default profile).
+Four ResNet-50 builds take about 3 minutes on the H200, so this runs with one CUDA backend only::
+
+    /opt/trt/bin/trt-python -m pytest tests/gpu/test_fp16_graph.py -q -s -k pycuda
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.fp16 import fp16_graph_from_onnx
+from tests.gpu.conftest import _backend_imports
+from tests.gpu.test_engines import compare, engine, engine_request, eval_inputs, reference
+from tests.models import save
+from tests.resnet50 import resnet50
+
+MODELS = ["resnet50"] + [p for p in os.environ.get("TRTFLOW_FP16_COMPARE", "").split(":") if p]
+
+
+def _model(name: str, tmp: Path) -> Path:
+    if name == "resnet50":
+        return save(resnet50(), tmp / "resnet50.onnx")
+    return Path(name)
+
+
+def _inputs(model: Path, tmp: Path) -> Path:
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    init = {i.name for i in m.graph.initializer}
+    rng = np.random.default_rng(0)
+    specs = [(i.name, [d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim])
+             for i in m.graph.input if i.name not in init]
+
+    def make(n: int) -> dict:
+        return {name: rng.standard_normal([n if d < 0 else d for d in shape]).astype(np.float32) for name, shape in specs}
+
+    return eval_inputs(tmp / "eval.npz", [8], make)
+
+
+@pytest.mark.parametrize("name", MODELS, ids=[Path(m).stem for m in MODELS])
+def test_fp16_graph_is_as_fast_as_the_fp16_flag_and_passes_the_gate(name, tmp_path, cuda_backend):
+    if cuda_backend == "cuda-python" and _backend_imports("pycuda") is None:
+        pytest.skip("throughput is compared once per model, with pycuda")
+    model = _model(name, tmp_path)
+    graph = fp16_graph_from_onnx(model, tmp_path / "model.fp16.onnx")
+    inputs = _inputs(model, tmp_path)
+    want = reference(model, inputs)
+    bench = {"warmup": 50, "iterations": 300, "shape": None}
+    rows = {}
+    for label, path, graph_precision in (("flag", model, "fp32"), ("graph", graph.path, "fp16")):
+        out = tmp_path / label
+        request = engine_request(path, out, "fp16", graph_precision=graph_precision, workspace_mib=4096, bench=bench,
+                                 eval={"inputs": str(inputs), "outputs": str(out / "eval.npz")})
+        resp = engine(request, tmp_path)
+        e = resp["engine"]
+        rows[label] = {"throughput": resp["bench"]["throughput_per_s"],
+                       "cosine": min(compare(resp["eval"]["outputs"], want).values()), "typing": e["typing"],
+                       "flags": e["builder_flags"], "layers": resp["layers"]["precisions"], "build_s": e["build_seconds"]}
+    ratio = rows["graph"]["throughput"] / rows["flag"]["throughput"]
+    print(f"\n{Path(name).stem} FP16 ({graph.converter}): flag {rows['flag']}\n  graph {rows['graph']}\n"
+          f"  graph/flag throughput {ratio:.3f}")
+    assert rows["graph"]["cosine"] >= 0.999 and rows["flag"]["cosine"] >= 0.999  # the FP16 gate's default
+    assert ratio >= 0.9, f"the FP16 graph runs at {ratio:.0%} of the FP16 flag's throughput"
