@@ -65,7 +65,7 @@ class AdaptResult:
 
 @dataclass(frozen=True)
 class TargetLimits:
-    """What the target's ONNX parser reads. tasks.gpu.compat.Caps and validate's TrtOnnxSupport
+    """What the target's ONNX parser reads. tasks.gpu.compat.Caps and compat.ParserSupport
     carry the same facts under other names; :meth:`of` accepts any of them."""
 
     parser_max_ir: int
@@ -82,7 +82,7 @@ class TargetLimits:
                 return cls(int(getattr(limits, max_ir)), int(getattr(limits, max_opset)),
                            int(getattr(limits, min_opset, 7) or 7))
         raise TypeError(f"{type(limits).__name__} has no parser_max_ir/parser_max_opset: pass a TargetLimits, "
-                        "tasks.gpu.compat.Caps or tasks.validate.TrtOnnxSupport")
+                        "tasks.gpu.compat.Caps or tasks.gpu.compat.ParserSupport")
 
 
 # ---- walking the model --------------------------------------------------------------------------
@@ -489,7 +489,7 @@ def adapt_for_target(model_path: Path, out_dir: Path, limits: Any,
         out_dir: where the adapted ``model.onnx`` goes (a model with external data: beside the
             original instead, see adapted_path).
         limits: the target parser's limits: TargetLimits, tasks.gpu.compat.Caps (parser_max_ir,
-            parser_max_opset) or tasks.validate.TrtOnnxSupport.
+            parser_max_opset) or tasks.gpu.compat.ParserSupport.
         profiles: the resolved profiles (validate.resolve_profiles: input -> {min, opt, max}) or
             the spec's (input -> ShapeRange).
         sanitise_mode: "always"; "never"; "on-failure" (the default): only when the model holds a

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from tasks import accuracy, adapt, calibration, validate
+from tasks.gpu.compat import caps_for_version
 from tasks.package import LocalPackage
 from tasks.spec import load_spec
 
@@ -53,15 +54,15 @@ def sanitise_effect(model: Path, eval_npz: Path, ref_npz: Path, work: Path) -> d
 def check(pkg: Path, trt: str, work: Path, sanitise_always: bool = False) -> dict:
     spec = load_spec(pkg / "trtflow.yaml")
     model = pkg / "model.onnx"
-    report = validate.validate_model(model, spec, pkg, trt_version=trt)
+    caps = caps_for_version(trt)
+    report = validate.validate_model(model, spec, pkg, caps=caps)
     out = {"model": pkg.name, "validation_errors": [f"{i.code}: {i.message[:160]}" for i in report.errors],
            "warnings": report.warning_codes()}
-    support, _ = validate.tensorrt_support(trt)
-    result = adapt.adapt_for_target(model, work / pkg.name, support, report.profiles or [], sanitise_mode="on-failure")
+    result = adapt.adapt_for_target(model, work / pkg.name, caps, report.profiles or [], sanitise_mode="on-failure")
     out["adapt"] = [f"{r.name}: {r.before} -> {r.after}" + ("" if r.applied else " (not applied)") for r in result.records]
     if result.changed:  # what reaches the parser is the adapted model: judge that one
         out["original_errors"] = [i.code for i in report.errors]
-        report = validate.validate_model(result.path, spec, pkg, trt_version=trt)
+        report = validate.validate_model(result.path, spec, pkg, caps=caps)
         out["validation_errors"] = [f"{i.code}: {i.message[:160]}" for i in report.errors]
     local = LocalPackage(pkg.name, pkg, result.path, "-", "-", model.stat().st_size, str(pkg))
     eval_set = accuracy.eval_inputs(local, spec, model_path=result.path, profiles=report.profiles or None,

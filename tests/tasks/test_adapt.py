@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from tasks import adapt
 from tasks.adapt import AdaptResult, TargetLimits, adapt_for_target
 from tasks.errors import ModelError
-from tasks.validate import tensorrt_support
+from tasks.gpu.compat import caps_for_version, parser_support
 from tests import models
 
 TRT86 = TargetLimits(parser_max_ir=8, parser_max_opset=17)
@@ -37,8 +37,9 @@ def _names(result: AdaptResult):
 def test_limits_accept_caps_like_objects_and_the_validate_table():
     caps = SimpleNamespace(parser_max_ir=10, parser_max_opset=20)
     assert TargetLimits.of(caps) == TargetLimits(10, 20, 7)
-    support, _ = tensorrt_support("8.6")
+    support, _ = parser_support("8.6")
     assert TargetLimits.of(support) == TargetLimits(8, 17, 7)
+    assert TargetLimits.of(caps_for_version("8.6")) == TargetLimits(8, 17, 7)
     with pytest.raises(TypeError, match="parser_max_ir"):
         TargetLimits.of(object())
 
