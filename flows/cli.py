@@ -245,7 +245,8 @@ def _print_status_table(uri: str, rows: List[dict]) -> None:
     colour = {"failed": "red", "published": "green", "cached": "green", "waiting": "yellow", "running": "cyan"}
     for r in rows:
         st = r["status"] or "—"
-        why = r["reason"] if r["status"] in ("failed", "waiting") else ""
+        # The failure's message and fix are printed in full below the table, where they do not wrap.
+        why = {"failed": f"at {r['stage']} (below)", "waiting": r["reason"]}.get(r["status"] or "", "")
         table.add_row(*(escape(str(v)) for v in (r["model"], r["files"], r["latest_engine"] or "—",
                                                   r["precision"] or "—", r["target"] or "—")),
                       f"[{colour.get(st, 'white')}]{escape(st)}[/]", escape(why or ""))
