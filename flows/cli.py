@@ -338,7 +338,9 @@ def deploy_cmd(
         wait_for_api(api_url.rstrip("/"), 10)
         with temporary_settings({PREFECT_API_URL: api_url}):
             pools = ensure_work_pools()
-            log_path = apply_deployments(DeploySettings(bucket, PROJECT_ROOT, watch_interval, settle_seconds,
+            # Workers run the code in TRTFLOW_CODE_DIR (the image's copy, a checkout), else this install's.
+            code_dir = Path(os.environ.get("TRTFLOW_CODE_DIR") or PROJECT_ROOT)
+            log_path = apply_deployments(DeploySettings(bucket, code_dir, watch_interval, settle_seconds,
                                                         nightly_cron), api_url, state)
     except Exception as err:  # noqa: BLE001
         fail(err, verbose)

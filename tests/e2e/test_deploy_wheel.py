@@ -68,6 +68,7 @@ def test_pip_install_dot_then_trtflow_deploy(tmp_path, prefect_server):
     assert (venv / "share" / "trtflow" / "prefect.yaml").exists()
     env = dict(os.environ, TRTFLOW_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PYTHONPATH", None)
+    env.pop("TRTFLOW_CODE_DIR", None)
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import flows.deploy as d; print(d.PREFECT_FILE)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout.strip()
     assert where == str(venv / "share" / "trtflow" / "prefect.yaml")
