@@ -285,7 +285,8 @@ def up_cmd(
     """Start Prefect, work pools, deployments, workers and a local bucket on this machine."""
     from flows.stack import StackOptions, up
 
-    quiet_prefect(verbose)
+    # Not quiet_prefect(): the workers inherit this environment, and their logs must stay complete.
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     started = time.monotonic()
 
     def step(text: str) -> None:  # progress while it starts: a new user sees what is happening
