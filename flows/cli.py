@@ -28,7 +28,6 @@ app = typer.Typer(help="trtflow: ONNX models in a bucket -> validated, calibrate
 # soft_wrap: messages stay one line each when piped or captured, so they can be grepped and copied.
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-STRATEGIES = ("fallback", "all")
 
 
 def default_bucket() -> str:
@@ -125,6 +124,7 @@ def validate(model: str = typer.Argument(..., help="an .onnx file, <bucket>/mode
 
 # ---- convert -----------------------------------------------------------------------------------
 def _check_options(precision: Optional[List[str]], strategy: Optional[str]) -> List[str]:
+    from flows.params import SPEC_STRATEGIES as STRATEGIES
     from tasks.spec import Precision
 
     allowed = [p.value for p in Precision]

@@ -7,13 +7,15 @@ maps those to "no override".
 """
 from __future__ import annotations
 
-from typing import Dict, List, Literal
+from typing import Dict, List, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.spec import Precision, Tolerance
+from tasks.spec import ModelSpec, Precision, Tolerance
 
 SPEC_STRATEGY = "spec"  # the request's "use what trtflow.yaml says"
+# The spec's strategies (fallback, all, and whatever tasks/spec.py adds), so the form never offers one it rejects.
+SPEC_STRATEGIES = get_args(ModelSpec.model_fields["strategy"].annotation)
 
 
 class ConvertRequest(BaseModel):
@@ -27,7 +29,7 @@ class ConvertRequest(BaseModel):
     precisions: List[Precision] = Field(
         default_factory=list,
         description="Precisions in preference order; empty = the model's trtflow.yaml (default int8, fp16, fp32)")
-    strategy: Literal["spec", "fallback", "all"] = Field(
+    strategy: Literal[(SPEC_STRATEGY,) + SPEC_STRATEGIES] = Field(  # type: ignore[valid-type]
         SPEC_STRATEGY, description="'fallback' stops at the first passing precision; 'all' builds every one; "
                                    "'spec' = as the model's trtflow.yaml says (default fallback)")
     tolerances: Dict[Precision, Dict[str, float]] = Field(
