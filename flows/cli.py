@@ -206,7 +206,7 @@ def _status_rows(storage) -> List[dict]:
         rows.append({"model": p.name, "files": len(p.files), "latest_engine": latest.get("engine"),
                      "precision": latest.get("precision"), "target": latest.get("default"),
                      "status": st.get("status"), "stage": st.get("stage"),
-                     "reason": st.get("reason") or err.get("message"), "fix": err.get("fix")})
+                     "reason": st.get("reason") or st.get("message") or err.get("message"), "fix": err.get("fix")})
     return rows
 
 

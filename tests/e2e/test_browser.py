@@ -196,8 +196,14 @@ def _page_text(browser) -> str:
     return browser.find_element(By.TAG_NAME, "body").text
 
 
+ARTIFACTS = Path(os.environ.get("TRTFLOW_TEST_ARTIFACTS") or Path(__file__).resolve().parents[2] / "build" /
+                 "test-artifacts")
+
+
 def _shot(browser, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / name
+    """A screenshot under build/test-artifacts (or TRTFLOW_TEST_ARTIFACTS), kept after the run."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
     browser.save_screenshot(str(path))
     assert path.stat().st_size > 10_000, f"{path} looks empty"  # a blank page is a few KB
     return path
@@ -228,17 +234,30 @@ def test_a_failed_run_shows_its_reason(e2e_stack, e2e_client, quiet_watcher, bro
                              parameters={"request": {"model_uri": f"s3://{bucket}/ui/models/garbled.onnx"}})
     assert run.state.is_failed(), run.state
     assert run.deployment_id == e2e_client.read_deployment_by_name("convert-model/convert-model").id
-    browser.get(f"{e2e_stack.ui_url}/artifacts/key/trtflow-garbled")
+    status_keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="ui/_trtflow/status/garbled/")["Contents"]]
+    reason = json.loads(s3.get_object(Bucket=bucket, Key=status_keys[0])["Body"].read())["error"]["message"]
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(browser, 60).until(lambda d: "failed at" in _page_text(d))
-    text = _page_text(browser)
-    shot = _shot(browser, tmp_path, "failed-run-artifact.png")
-    assert "garbled" in text and "failed at validate" in text, (shot, text)
-    browser.get(f"{e2e_stack.ui_url}/runs/flow-run/{run.id}")
-    WebDriverWait(browser, 60).until(lambda d: "Failed" in _page_text(d))
-    _shot(browser, tmp_path, "failed-run.png")
-    print(f"\n[browser] failed run: {shot}")
+    wait = WebDriverWait(browser, 60)
+    try:
+        browser.get(f"{e2e_stack.ui_url}/runs/flow-run/{run.id}")
+        wait.until(lambda d: "Failed" in _page_text(d) and reason[:40] in _page_text(d))  # the run's logs say why
+        run_shot = _shot(browser, tmp_path, "failed-run.png")
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+        artifact = e2e_client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["trtflow-garbled"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))[0]
+        assert "failed at" in artifact.data and reason[:40] in artifact.data
+        browser.get(f"{e2e_stack.ui_url}/artifacts/artifact/{artifact.id}")
+        wait.until(lambda d: "failed at" in _page_text(d))
+        artifact_shot = _shot(browser, tmp_path, "failed-run-artifact.png")
+    except Exception:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "failed-run-failure.png"))
+        (ARTIFACTS / "failed-run-failure.txt").write_text(_page_text(browser))
+        raise
+    print(f"\n[browser] failed run: {run_shot}, {artifact_shot}")
 
 
 @pytest.mark.xfail(strict=False, reason="needs pools' waiting status")
