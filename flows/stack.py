@@ -88,7 +88,9 @@ class StackInfo:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        data["processes"] = [Proc(**p) for p in data.get("processes", [])]
+        # A record from before psutil (start_ticks, no create_time) names processes that cannot be
+        # told from PID reuse: leave them out rather than risk signalling a stranger.
+        data["processes"] = [Proc(**p) for p in data.get("processes", []) if "create_time" in p]
         return cls(**data)
 
 
