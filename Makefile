@@ -8,18 +8,28 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: install run up down test test-unit test-gpu e2e browser-deps clean
 
+# Each step says what it does: on a fresh clone this takes a minute or more, and silence looks like a hang.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $@
+	@echo "trtflow: creating the virtualenv $(VENV) (first run only)"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "trtflow: updating pip"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@echo "trtflow: installing trtflow and its test tools into $(VENV) (Prefect, onnx, onnxruntime, ...; about a minute)"
+	@$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+	@echo "trtflow: installed; the command is $(BIN)/trtflow (or: source $(BIN)/activate)"
 
 install: $(STAMP)
 
 ## run: start trtflow locally (Prefect server, work pools, deployments, workers, a local bucket)
+##      UP_ARGS="--port 4300 --gpus none" passes options to `trtflow up`
 run: up
 up: $(STAMP)
-	$(BIN)/trtflow up
+	@echo "trtflow: starting the local stack (state in $${TRTFLOW_HOME:-$$HOME/.trtflow}); each step is printed as it starts"
+	@$(BIN)/trtflow up $(UP_ARGS)
+	@echo ""
+	@echo "Run trtflow as $(BIN)/trtflow, or put it on PATH for this shell: source $(BIN)/activate"
+	@echo "  e.g. $(BIN)/trtflow status    $(BIN)/trtflow down"
 
 down: $(STAMP)
 	$(BIN)/trtflow down
@@ -28,12 +38,14 @@ down: $(STAMP)
 browser-deps:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "browser-deps: installing Debian's chromium and chromium-driver with apt-get for the UI test (once; a few minutes)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
 	  || echo "browser-deps: could not install chromium; the browser test will skip"; \
 	else echo "browser-deps: not root; the browser test will skip unless chromium is installed"; fi
 
 ## test: everything that runs without a GPU (GPU tests skip with their reason)
 test: $(STAMP) browser-deps
+	@echo "trtflow: running the test suite (unit tests, then e2e tests that start real Prefect servers)"
 	$(BIN)/python -m pytest -q tests
 
 test-unit: $(STAMP)
@@ -47,4 +59,4 @@ e2e: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q tests -m "e2e or browser"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .trtflow
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -21,7 +21,17 @@ import yaml
 from tasks.errors import InfraError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PREFECT_FILE = PROJECT_ROOT / "infra" / "prefect.yaml"
+
+
+def _prefect_file() -> Path:
+    """infra/prefect.yaml of a checkout (editable install), else the copy a wheel installs as data."""
+    checkout = PROJECT_ROOT / "infra" / "prefect.yaml"
+    if checkout.exists():
+        return checkout
+    return Path(sys.prefix) / "share" / "trtflow" / "prefect.yaml"
+
+
+PREFECT_FILE = _prefect_file()
 POOLS = ("cpu", "gpu")
 
 log = logging.getLogger("trtflow.deploy")

@@ -46,7 +46,7 @@ def start_rebuilds(storage: Storage, day: date, force: bool, submit, logger: log
     for pkg in list_packages(storage):
         key = rebuild_key(storage.uri, pkg.name, day, force)
         params = {"request": ConvertRequest(model_uri=storage.url(pkg.model_key), force=force)
-                  .model_dump(mode="json", exclude_none=True)}
+                  .model_dump(mode="json", exclude_unset=True)}
         try:
             run_id = submit(pkg.name, params, key)
         except Exception as err:  # noqa: BLE001 - one package must not stop the others; reported below

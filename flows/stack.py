@@ -8,7 +8,7 @@ folder (``file://<state>/bucket``). Every process it starts is recorded in ``<st
 with its start time, so ``down`` stops exactly those (and what they started), never a process that
 merely reused a PID.
 
-Environment: ``TRTFLOW_HOME`` (state folder, default ./.trtflow), ``TRTFLOW_BUCKET``,
+Environment: ``TRTFLOW_HOME`` (state folder, default ~/.trtflow), ``TRTFLOW_BUCKET``,
 ``TRTFLOW_GPUS`` ("0,1", or "none"), ``PREFECT_API_URL`` (use that server),
 ``PREFECT_API_DATABASE_CONNECTION_URL`` (the started server's database, e.g. PostgreSQL),
 ``TRTFLOW_S3_ENDPOINT_URL`` (MinIO); see infra/README.md.
@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,9 +27,10 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from flows.deploy import PROJECT_ROOT, DeploySettings, apply_deployments, ensure_work_pools, prefect_command
+from flows.supervise import Proc, is_alive, spawn, stop_processes, tail
 from tasks.errors import InfraError
 
 log = logging.getLogger("trtflow.stack")
@@ -39,8 +39,16 @@ STACK_FILE = "stack.json"
 DEFAULT_PORT = 4200
 
 
-def default_state_dir() -> Path:
-    return Path(os.environ.get("TRTFLOW_HOME") or Path.cwd() / ".trtflow").resolve()
+def trtflow_home() -> Path:
+    """The one home of local state (stack.json, logs, the local bucket): ``TRTFLOW_HOME``, else
+    ``~/.trtflow`` - never the current folder, so `trtflow down` works from anywhere."""
+    return Path(os.environ.get("TRTFLOW_HOME") or Path.home() / ".trtflow").expanduser().resolve()
+
+
+def running_stack(state_dir: Optional[Path] = None) -> Optional["StackInfo"]:
+    """The stack recorded in ``state_dir`` (default trtflow_home()) if any of its processes still runs."""
+    info = StackInfo.load(Path(state_dir) if state_dir else trtflow_home())
+    return info if info is not None and any(is_alive(p) for p in info.processes) else None
 
 
 @dataclass
@@ -56,17 +64,6 @@ class StackOptions:
     nightly_cron: Optional[str] = None     # None keeps infra/prefect.yaml's (02:00 UTC)
     code_dir: Path = PROJECT_ROOT
     timeout_s: float = 180.0
-
-
-@dataclass
-class Proc:
-    """One process ``up`` started (the leader of its own session)."""
-
-    role: str
-    pid: int
-    start_ticks: int      # /proc/<pid>/stat starttime: tells our process from a later one with its PID
-    cmd: List[str]
-    log: str
 
 
 @dataclass
@@ -92,111 +89,10 @@ class StackInfo:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        data["processes"] = [Proc(**p) for p in data.get("processes", [])]
+        # A record from before psutil (start_ticks, no create_time) names processes that cannot be
+        # told from PID reuse: leave them out rather than risk signalling a stranger.
+        data["processes"] = [Proc(**p) for p in data.get("processes", []) if "create_time" in p]
         return cls(**data)
-
-
-# ---- processes ---------------------------------------------------------------------------------
-def _start_ticks(pid: int) -> Optional[int]:
-    """Start time of ``pid`` in clock ticks since boot, or None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may contain spaces and parentheses, so split after it.
-    return int(stat[stat.rindex(")") + 2:].split()[19])
-
-
-def _running(pid: int, ticks: int) -> bool:
-    """``pid`` is still the process that started at ``ticks`` and has not exited (zombies have)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat[stat.rindex(")") + 2:].split()
-    return fields[0] != "Z" and int(fields[19]) == ticks
-
-
-def _alive(proc: Proc) -> bool:
-    return _running(proc.pid, proc.start_ticks)
-
-
-def _descendants(pid: int) -> List[Tuple[int, int]]:
-    """(pid, start ticks) of every live descendant of ``pid`` (flow runs, GPU builds, uvicorn)."""
-    children: Dict[int, List[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        ticks = _start_ticks(p)
-        if ticks is not None:
-            out.append((p, ticks))
-            todo.extend(children.get(p, []))
-    return out
-
-
-def _spawn(role: str, cmd: List[str], env: dict, log_dir: Path, cwd: Path) -> Proc:
-    log_path = log_dir / f"{role}.log"
-    with open(log_path, "ab") as out:
-        # A session of its own: `down` can signal the process group, and a Ctrl-C in the terminal
-        # that ran `trtflow up` does not take the stack with it.
-        p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
-    return Proc(role, p.pid, _start_ticks(p.pid) or 0, cmd, str(log_path))
-
-
-def _tail(path: str, lines: int = 30) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _signal(pid: int, ticks: int, sig: int) -> None:
-    if not _running(pid, ticks):
-        return  # gone, or the PID now belongs to someone else
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def stop_processes(procs: List[Proc], timeout_s: float = 30.0) -> List[str]:
-    """SIGTERM each recorded process that is still ours and its descendants; SIGKILL what remains."""
-    targets: List[Tuple[int, int, str]] = []
-    for proc in reversed(procs):  # workers before the server they report to
-        if not _alive(proc):
-            continue
-        targets += [(pid, ticks, f"{proc.role} child") for pid, ticks in _descendants(proc.pid)]
-        targets.append((proc.pid, proc.start_ticks, proc.role))
-    for pid, ticks, _ in targets:
-        _signal(pid, ticks, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_running(p, t) for p, t, _ in targets):
-        _reap([p for p, _, _ in targets])
-        time.sleep(0.2)  # waiting for processes to exit (a condition), with a deadline
-    for pid, ticks, _ in targets:
-        _signal(pid, ticks, signal.SIGKILL)
-    _reap([p for p, _, _ in targets])
-    return [f"{role} (pid {pid})" for pid, _, role in targets if "child" not in role]
-
-
-def _reap(pids: List[int]) -> None:
-    """Collect the exit status of those ``pids`` that are our own children (``down`` in the process that
-    ran ``up``), so they do not linger as zombies; other processes' children are left alone."""
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
 
 
 # ---- readiness ---------------------------------------------------------------------------------
@@ -205,9 +101,9 @@ def wait_for_api(api_url: str, timeout_s: float, server: Optional[Proc] = None) 
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
-        if server is not None and not _alive(server):
+        if server is not None and not is_alive(server):
             raise InfraError(f"the Prefect server exited during start-up. Last lines of {server.log}:\n"
-                             + _tail(server.log),
+                             + tail(server.log),
                              fix="See the log; a port in use or a bad PREFECT_API_DATABASE_CONNECTION_URL are usual.")
         try:
             with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=5) as r:
@@ -228,8 +124,8 @@ def wait_for_workers(expected: Dict[str, List[str]], timeout_s: float, procs: Li
     missing: List[str] = []
     while time.monotonic() < deadline:
         for proc in procs:
-            if proc.role.startswith("worker") and not _alive(proc):
-                raise InfraError(f"{proc.role} exited during start-up. Last lines of {proc.log}:\n{_tail(proc.log)}",
+            if proc.role.startswith("worker") and not is_alive(proc):
+                raise InfraError(f"{proc.role} exited during start-up. Last lines of {proc.log}:\n{tail(proc.log)}",
                                  fix="See the worker log.")
         missing = []
         with get_client(sync_client=True) as client:
@@ -286,15 +182,22 @@ def _free(host: str, port: int) -> bool:
             return False
 
 
-def up(opts: StackOptions) -> StackInfo:
-    """Start the stack described by ``opts``; raises InfraError (after stopping what it started) on failure."""
+def _say_nothing(_: str) -> None:
+    pass
+
+
+def up(opts: StackOptions, progress: Callable[[str], None] = _say_nothing) -> StackInfo:
+    """Start the stack described by ``opts``; raises InfraError (after stopping what it started) on failure.
+
+    ``progress`` is told each step as it starts (the CLI prints them: start-up takes a while).
+    """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     state = Path(opts.state_dir).resolve()
-    previous = StackInfo.load(state)
-    if previous and any(_alive(p) for p in previous.processes):
-        raise InfraError(f"a trtflow stack from {state} is already running (UI {previous.ui_url}).",
-                         fix="Run `trtflow down` first, or pass another --state-dir.")
+    previous = running_stack(state)
+    if previous:
+        raise InfraError(f"trtflow is already running at {previous.ui_url} (state in {state}).",
+                         fix="Run `trtflow down` first, or give this one another TRTFLOW_HOME.")
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     prefect_home = state / "prefect"
@@ -331,18 +234,23 @@ def up(opts: StackOptions) -> StackInfo:
             # the in-memory default the slot stays taken after a restart and that GPU never builds again.
             server_env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
                                   "prefect.server.concurrency.lease_storage.filesystem")
-            procs.append(_spawn("server", prefect_command() + ["server", "start", "--host", opts.host,
+            progress(f"starting the Prefect server on {opts.host}:{opts.port} (log: {logs / 'server.log'})")
+            procs.append(spawn("server", prefect_command() + ["server", "start", "--host", opts.host,
                                                                  "--port", str(opts.port)],
                                 server_env, logs, state))
             info.save()  # from here on, `trtflow down` can clean up even if `up` is interrupted
             api_url = f"http://{opts.host}:{opts.port}/api"
+            progress("waiting for the Prefect API to answer")
             wait_for_api(api_url, opts.timeout_s, procs[0])
         info.api_url, info.ui_url = api_url, api_url[:-len("/api")] if api_url.endswith("/api") else api_url
 
         with temporary_settings({PREFECT_API_URL: api_url}):
+            progress("creating the work pools cpu and gpu")
             ensure_work_pools()
+            progress("applying the deployments watch-bucket, convert-model, nightly-rebuild")
             apply_deployments(DeploySettings(bucket, opts.code_dir, opts.watch_interval, opts.settle_seconds,
                                              opts.nightly_cron), api_url, state, base_env)
+            progress("looking for GPUs (TensorRT in TRT_PYTHON)" if opts.gpus is None else "GPUs as configured")
             gpus, note = ((opts.gpus, "as configured (--gpus / TRTFLOW_GPUS)") if opts.gpus is not None
                           else detect_gpus(state / "probe"))
             info.gpus, info.gpu_note = list(gpus), note
@@ -350,7 +258,7 @@ def up(opts: StackOptions) -> StackInfo:
             host = socket.gethostname()
             worker_env = dict(base_env, PREFECT_API_URL=api_url, TRTFLOW_BUCKET=bucket)
             expected: Dict[str, List[str]] = {"cpu": [f"cpu-{host}"], "gpu": []}
-            procs.append(_spawn("worker-cpu", prefect_command() + ["worker", "start", "--pool", "cpu", "--type",
+            procs.append(spawn("worker-cpu", prefect_command() + ["worker", "start", "--pool", "cpu", "--type",
                                                                      "process", "--name", f"cpu-{host}"],
                                 worker_env, logs, opts.code_dir))
             for gpu in gpus:
@@ -358,6 +266,7 @@ def up(opts: StackOptions) -> StackInfo:
                 expected["gpu"].append(proc.role[len("worker-"):])
                 procs.append(proc)
             info.save()
+            progress(f"waiting for {1 + len(gpus)} worker(s) to come online")
             wait_for_workers(expected, opts.timeout_s, procs)
     except BaseException:
         stop_processes(procs)
@@ -378,9 +287,9 @@ def _spawn_gpu_worker(gpu: str, worker_env: dict, logs: Path, code_dir: Path, pr
         name = f"gpu{gpu}-{host}-{n}"
     # flows.workers records the worker's TensorRT/GPU probe in the bucket, then execs `prefect worker
     # start`. --limit 1: a worker never runs two builds; gpu_slot guards the GPU itself.
-    return _spawn(f"worker-{name}", [sys.executable, "-m", "flows.workers", "gpu", "--pool", "gpu", "--limit", "1",
-                                     "--name", name],
-                  dict(worker_env, CUDA_VISIBLE_DEVICES=str(gpu)), logs, code_dir)
+    return spawn(f"worker-{name}", [sys.executable, "-m", "flows.workers", "gpu", "--pool", "gpu", "--limit", "1",
+                                    "--name", name],
+                 dict(worker_env, CUDA_VISIBLE_DEVICES=str(gpu)), logs, code_dir)
 
 
 def add_gpu_worker(state_dir: Path, gpu: str, timeout_s: float = 120.0) -> Proc:
@@ -389,7 +298,7 @@ def add_gpu_worker(state_dir: Path, gpu: str, timeout_s: float = 120.0) -> Proc:
 
     state = Path(state_dir).resolve()
     info = StackInfo.load(state)
-    if info is None or not any(_alive(p) for p in info.processes):
+    if info is None or not any(is_alive(p) for p in info.processes):
         raise InfraError(f"no trtflow stack is running from {state}.", fix="Run `trtflow up` first.")
     env = dict(os.environ, PREFECT_HOME=str(state / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_URL=info.api_url, TRTFLOW_BUCKET=info.bucket)
@@ -415,81 +324,4 @@ def down(state_dir: Path, timeout_s: float = 30.0) -> List[str]:
 def status(state_dir: Path) -> Optional[Dict[str, bool]]:
     """{role: running} for the stack recorded in ``state_dir`` (None when there is none)."""
     info = StackInfo.load(Path(state_dir))
-    return None if info is None else {p.role: _alive(p) for p in info.processes}
-
-
-# ---- CLI ---------------------------------------------------------------------------------------
-def register(app) -> None:
-    """Add ``up``, ``down``, ``deploy`` and ``watch`` to the trtflow typer app."""
-
-    import typer
-
-    def _gpus(value: Optional[str]) -> Optional[List[str]]:
-        if value is None:
-            return None
-        return [g.strip() for g in value.split(",") if g.strip() and g.strip().lower() != "none"]
-
-    @app.command("up")
-    def up_cmd(
-        state_dir: Optional[Path] = typer.Option(None, envvar="TRTFLOW_HOME", help="State folder (default ./.trtflow)."),
-        port: int = typer.Option(DEFAULT_PORT, help="Port of the Prefect server and UI."),
-        host: str = typer.Option("127.0.0.1", help="Address the server listens on."),
-        bucket: Optional[str] = typer.Option(None, envvar="TRTFLOW_BUCKET",
-                                        help="s3://bucket or s3://bucket/prefix, or a folder (default <state>/bucket)."),
-        api_url: Optional[str] = typer.Option(None, envvar="PREFECT_API_URL",
-                                         help="Use this Prefect server instead of starting one."),
-        gpus: Optional[str] = typer.Option(None, envvar="TRTFLOW_GPUS",
-                                      help="GPU indices for GPU workers, e.g. 0,1 or none (default: detect)."),
-        watch_interval: float = typer.Option(30.0, help="Seconds between bucket polls."),
-        settle_seconds: float = typer.Option(30.0, help="A model must be unchanged this long before conversion."),
-    ) -> None:
-        """Start Prefect, work pools, deployments, workers and a local bucket on this machine."""
-        info = up(StackOptions(state_dir or default_state_dir(), host, port, bucket, api_url, _gpus(gpus),
-                               watch_interval, settle_seconds))
-        typer.echo(f"Prefect UI:       {info.ui_url}")
-        typer.echo(f"Bucket:           {info.bucket}")
-        if info.drop_folder:
-            typer.echo(f"Drop models into: {info.drop_folder}   (e.g. cp resnet50.onnx {info.drop_folder}/)")
-        typer.echo(f"GPU workers:      {', '.join(info.gpus) or 'none'} - {info.gpu_note}")
-        typer.echo(f"Logs:             {Path(info.state_dir) / 'logs'}")
-        typer.echo("Stop with:        trtflow down")
-
-    @app.command("down")
-    def down_cmd(state_dir: Optional[Path] = typer.Option(None, envvar="TRTFLOW_HOME",
-                                                     help="State folder (default ./.trtflow).")) -> None:
-        """Stop exactly the processes `trtflow up` started."""
-        stopped = down(state_dir or default_state_dir())
-        typer.echo("Stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
-
-    @app.command("deploy")
-    def deploy_cmd(
-        bucket: str = typer.Option(..., envvar="TRTFLOW_BUCKET", help="s3://bucket or s3://bucket/prefix the deployments watch."),
-        api_url: str = typer.Option(..., envvar="PREFECT_API_URL", help="The Prefect API, e.g. http://host:4200/api."),
-        watch_interval: Optional[float] = typer.Option(None, help="Seconds between bucket polls (default 30)."),
-        settle_seconds: Optional[float] = typer.Option(None, help="Settle time before conversion (default 30)."),
-        nightly_cron: Optional[str] = typer.Option(None, help="Cron (UTC) of nightly-rebuild (default 0 2 * * *)."),
-    ) -> None:
-        """Create the work pools and apply infra/prefect.yaml's deployments to a running server."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        state = default_state_dir()
-        state.mkdir(parents=True, exist_ok=True)
-        with temporary_settings({PREFECT_API_URL: api_url}):
-            pools = ensure_work_pools()
-            log_path = apply_deployments(DeploySettings(bucket, PROJECT_ROOT, watch_interval, settle_seconds,
-                                                        nightly_cron), api_url, state)
-        typer.echo(f"Work pools: {pools}. Deployments applied (log: {log_path}).")
-
-    @app.command("watch")
-    def watch_cmd(
-        bucket: str = typer.Option(..., envvar="TRTFLOW_BUCKET", help="s3://bucket or s3://bucket/prefix, or a folder."),
-        settle_seconds: float = typer.Option(30.0, help="A model must be unchanged this long."),
-    ) -> None:
-        """Poll the bucket once now (as the watch-bucket deployment does) and start due conversions."""
-        from flows.watch import watch_bucket
-
-        result = watch_bucket(bucket, settle_seconds)
-        for s in result["started"]:
-            typer.echo(f"started {s['name']}: flow run {s['flow_run_id']}")
-        if result["waiting"]:
-            typer.echo("settling: " + ", ".join(result["waiting"]))
+    return None if info is None else {p.role: is_alive(p) for p in info.processes}

@@ -27,7 +27,7 @@ from typing import Dict, List, Tuple
 import boto3
 import pytest
 
-from flows import stack
+from flows import stack, supervise
 from tests import models
 from tests.e2e.conftest import REAL_GPU, wait_for
 
@@ -169,7 +169,7 @@ def test_gpu_workers_spread_conversions_and_never_share_a_gpu(e2e_stack, e2e_cli
         # (must queue behind the first) and "a worker on GPU 1" (may build alongside).
         extra = [stack.add_gpu_worker(state, "0"), stack.add_gpu_worker(state, "1")]
     info = stack.StackInfo.load(state)
-    gpu_workers = [p for p in info.processes if p.role.startswith("worker-gpu") and stack._alive(p)]
+    gpu_workers = [p for p in info.processes if p.role.startswith("worker-gpu") and supervise.is_alive(p)]
     if len(gpu_workers) < 2:
         pytest.skip(f"needs two GPU workers; `trtflow up` started {len(gpu_workers)} ({e2e_stack.gpu_note})")
     s3 = boto3.client("s3", endpoint_url=os.environ["TRTFLOW_S3_ENDPOINT_URL"], region_name="us-east-1")

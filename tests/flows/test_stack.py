@@ -6,22 +6,24 @@ from pathlib import Path
 
 import yaml
 
-from flows import stack
+import psutil
+
+from flows import stack, supervise
 from flows.deploy import PREFECT_FILE, DeploySettings, render_prefect_file
 
 
-def _spawn_sleeper(tmp_path: Path, role: str) -> stack.Proc:
+def _spawn_sleeper(tmp_path: Path, role: str) -> supervise.Proc:
     # A parent that starts a child and waits: `down` must stop both (flow runs are workers' children).
     code = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']).wait()"
-    return stack._spawn(role, [sys.executable, "-c", code], {}, tmp_path, tmp_path)
+    return supervise.spawn(role, [sys.executable, "-c", code], {}, tmp_path, tmp_path)
 
 
-def _wait_for_children(proc: stack.Proc) -> list:
+def _wait_for_children(proc: supervise.Proc) -> list:
     import time
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        kids = stack._descendants(proc.pid)
+        kids = supervise.descendants(proc)
         if kids:
             return kids
         time.sleep(0.05)  # waiting for the child to exist
@@ -34,26 +36,37 @@ def test_down_stops_recorded_processes_and_their_children(tmp_path):
     info = stack.StackInfo(str(tmp_path), "http://x/api", "http://x", "file:///b", None, [], "", [proc])
     info.save()
     assert stack.status(tmp_path) == {"worker-x": True}
+    assert stack.running_stack(tmp_path) == info
     assert stack.down(tmp_path, timeout_s=20) == [f"worker-x (pid {proc.pid})"]
-    assert not stack._alive(proc)
-    assert all(not stack._running(pid, ticks) for pid, ticks in kids)
+    assert not supervise.is_alive(proc)
+    assert all(not k.is_running() or k.status() == psutil.STATUS_ZOMBIE for k in kids)
     assert stack.status(tmp_path) is None and stack.down(tmp_path) == []
+    assert stack.running_stack(tmp_path) is None
 
 
 def test_a_reused_pid_is_never_signalled(tmp_path):
     proc = _spawn_sleeper(tmp_path, "server")
     try:
-        impostor = stack.Proc("server", proc.pid, proc.start_ticks + 1, proc.cmd, proc.log)  # same PID, other start
-        assert stack.stop_processes([impostor], timeout_s=1) == []
-        assert stack._alive(proc)
+        impostor = supervise.Proc("server", proc.pid, proc.create_time + 5, proc.cmd, proc.log)  # same PID, other start
+        assert supervise.stop_processes([impostor], timeout_s=1) == []
+        assert supervise.is_alive(proc)
     finally:
-        stack.stop_processes([proc], timeout_s=20)
-    assert not stack._alive(proc)
+        supervise.stop_processes([proc], timeout_s=20)
+    assert not supervise.is_alive(proc)
+
+
+def test_state_lives_in_trtflow_home_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRTFLOW_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert stack.trtflow_home() == (tmp_path / "home" / ".trtflow").resolve()
+    monkeypatch.setenv("TRTFLOW_HOME", str(tmp_path / "elsewhere"))
+    assert stack.trtflow_home() == (tmp_path / "elsewhere").resolve()
 
 
 def test_stack_info_round_trips(tmp_path):
     info = stack.StackInfo(str(tmp_path), "http://h:1/api", "http://h:1", "s3://b", None, ["0", "1"], "two",
-                           [stack.Proc("server", 1, 2, ["prefect"], "log")])
+                           [supervise.Proc("server", 1, 2.5, ["prefect"], "log")])
     info.save()
     assert stack.StackInfo.load(tmp_path) == info
 
