@@ -97,7 +97,8 @@ def usage_error(problem: str, fix: str) -> None:
 # ---- validate ----------------------------------------------------------------------------------
 @app.command()
 def validate(model: str = typer.Argument(..., help="an .onnx file, <bucket>/models/<name>[.onnx] or s3://…"),
-             target: str = typer.Option("8.6", help="TensorRT version whose parser limits apply"),
+             target: Optional[str] = typer.Option(None, help="TensorRT version whose parser limits apply (default: "
+                                                  "the bucket's GPU workers', else TRTFLOW_TARGET_TRT, else 8.6)"),
              verbose: bool = typer.Option(False, "-v", "--verbose", help="show tracebacks")) -> None:
     """Check a model (and its trtflow.yaml) without converting it."""
     from tasks.package import fetch_package, open_model
@@ -105,7 +106,7 @@ def validate(model: str = typer.Argument(..., help="an .onnx file, <bucket>/mode
     from tasks.validate import validate_model
 
     try:
-        path = Path(model)
+        path, storage = Path(model), None
         if path.is_file() and path.suffix == ".onnx" and "models" not in path.resolve().parts:
             model_path, root = path, path.parent  # a loose file: its folder is the package
         else:
@@ -113,13 +114,22 @@ def validate(model: str = typer.Argument(..., help="an .onnx file, <bucket>/mode
             local = fetch_package(storage, pkg, Path(tempfile.mkdtemp(prefix="trtflow-validate-")))
             model_path, root = local.model_path, local.root
         spec = load_spec(root / SPEC_FILENAME if (root / SPEC_FILENAME).exists() else None)
-        report = validate_model(model_path, spec, root, trt_version=target)
+        report = validate_model(model_path, spec, root, caps=_validation_target(target, storage).policy())
     except Exception as err:  # noqa: BLE001 - every failure is shown as problem + fix
         fail(err, verbose)
         return
     for line in report.summary_lines():
         console.print(line, markup=False)
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _validation_target(version: Optional[str], storage):
+    """What convert-model would judge by: --target, else the bucket's GPU workers, else the setting."""
+    from flows.workers import Target, target_for_validation
+
+    if version:
+        return Target(version, f"--target {version}")
+    return target_for_validation(storage)
 
 
 # ---- convert -----------------------------------------------------------------------------------

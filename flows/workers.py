@@ -88,13 +88,13 @@ def known_targets(storage: Storage, pool: str = "gpu") -> List[WorkerRecord]:
     return sorted(records, key=lambda r: r.recorded_at, reverse=True)
 
 
-def target_for_validation(storage: Storage, pool: str = "gpu") -> Target:
+def target_for_validation(storage: Optional[Storage], pool: str = "gpu") -> Target:
     """The newest recorded worker of ``pool``, else the ``TRTFLOW_TARGET_TRT`` setting (default 8.6).
 
     The newest record wins because a pool upgraded to a new TensorRT starts its new workers last;
     a pool that mixes versions should be split into one pool per version.
     """
-    records = known_targets(storage, pool)
+    records = known_targets(storage, pool) if storage is not None else []  # None: a loose file, no bucket
     if records:
         r = records[0]
         return Target(r.env.tensorrt, f"GPU worker {r.worker} (pool {r.pool}, recorded {r.recorded_at})", r.env)
