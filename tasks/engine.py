@@ -63,7 +63,7 @@ def engine_request(*, onnx_path: Path, out_dir: Path, precision: str, spec: Mode
         "timing_cache_out": str(timing_cache_out) if timing_cache_out else None,
         "calibration": calibration,
         "eval": {"inputs": str(eval_inputs), "outputs": str(Path(out_dir) / "eval_outputs.npz")} if eval_inputs else None,
-        "bench": {"warmup": spec.bench.warmup, "iterations": spec.bench.iterations} if spec.bench.enabled else None,
+        "bench": spec.bench.gpu_request(),
         "verbose": False,
     }
 
