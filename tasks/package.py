@@ -64,6 +64,13 @@ class EngineAddress:
     def conversion_key(self) -> str:
         return conversion_key(self.name, self.identity_sha, self.target, self.spec_key)
 
+    def conversion_record_key(self, record_sha: str) -> str:
+        """One run's conversion record, under its own sha256: latest.json points here, never at the
+        ``conversion.json`` index that a later (forced) run of the same address rewrites."""
+        if not re.fullmatch(r"[0-9a-f]{16,64}", record_sha or ""):
+            raise ValueError(f"record sha256 {record_sha!r} is not a hex digest")
+        return f"{self.prefix}conversions/{record_sha[:16]}.json"
+
     def engine_prefix(self, precision: str, engine_sha: str) -> str:
         return engine_prefix(self.name, self.identity_sha, self.target, self.spec_key, precision, engine_sha)
 

@@ -11,12 +11,13 @@ outcome, failures included, with the reason and its fix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from contextlib import nullcontext
 from typing import ContextManager, Dict, List, Optional
 
 from tasks.errors import TrtflowError
@@ -130,8 +131,13 @@ def _write_once(storage: Storage, key: str, write) -> bool:
 
 
 def write_conversion(storage: Storage, address: EngineAddress, record: dict) -> str:
-    key = address.conversion_key
-    storage.write_json(key, dict(record, key=key, schema=CONVERSION_SCHEMA, written_at=now()))
+    """Write the run's record under its own sha256, then ``conversion.json`` (the cache-hit index) as
+    a copy of it. Returns the immutable key (what latest.json names)."""
+    body = dict(record, schema=CONVERSION_SCHEMA, written_at=now(), index=address.conversion_key)
+    sha = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    key = address.conversion_record_key(sha)
+    storage.write_json(key, dict(body, key=key))
+    storage.write_json(address.conversion_key, dict(body, key=key))
     return key
 
 

@@ -273,9 +273,14 @@ def test_item3_a_published_engine_key_is_never_written_twice(prefect_harness, bu
 
     monkeypatch.setattr(LocalStorage, "upload", spy)
     first = _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"])
+    first_record_key = _latest(bucket, "cnn")["conversion"]
+    first_record = LocalStorage(bucket).read_json(first_record_key)
     again = _convert(bucket / "models" / "cnn.onnx", precisions=["fp32"], force=True)  # same bytes (deterministic)
     assert first["latest"]["engine"] == again["latest"]["engine"]
     assert writes.count(first["latest"]["engine"]) == 1  # found there, not overwritten
+    # the conversion record latest.json named is immutable too; the rerun's record has its own key
+    assert _latest(bucket, "cnn")["conversion"] != first_record_key
+    assert LocalStorage(bucket).read_json(first_record_key) == first_record
 
 
 # ---- item 7: a crash of this run is retried by the next, not pinned by the cache ----------------------
