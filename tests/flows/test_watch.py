@@ -33,7 +33,9 @@ def test_new_model_starts_once_after_settling(bucket):
         assert poll_once(bucket, SETTLE, rec, now=later).started == []
     assert rec.names == ["a"]
     due, params = rec.calls[0]
-    assert params == {"request": {"model_uri": bucket.url("models/a.onnx"), "force": False}}
+    assert params == {"request": {"model_uri": bucket.url("models/a.onnx"), "force": False,
+                                  "package_fingerprint": due.fingerprint}}
+    assert due.fingerprint
     assert due.idempotency_key == f"a-{due.version[:16]}"
 
 
