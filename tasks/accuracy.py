@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import onnx
 
+from tasks.limits import load_npy, load_npz
 from tasks.errors import ModelError
 from tasks.metrics import GateResult, OutputMetrics, compare_outputs, gate
 from tasks.package import LocalPackage
@@ -150,15 +151,16 @@ def _read_eval_files(folder: Path, names: List[str]) -> Tuple[Dict[str, List[np.
     used: List[str] = []
     for f in sorted(folder.iterdir()):
         if f.suffix == ".npy" and f.stem in names:
-            arrays.setdefault(f.stem, []).append(np.load(f, allow_pickle=False))
+            arrays.setdefault(f.stem, []).append(load_npy(f, f"eval/{f.name}"))
             used.append(f.name)
         elif f.suffix == ".npz":
-            with np.load(f, allow_pickle=False) as npz:
-                keys = [k for k in npz.files if k in names]
-                for k in keys:
-                    arrays.setdefault(k, []).append(npz[k])
-                if keys:
-                    used.append(f.name)
+            # load_npz refuses pickled arrays and members that would inflate past limits.max_array_mib
+            npz = load_npz(f, f"eval/{f.name}")
+            keys = [k for k in npz if k in names]
+            for k in keys:
+                arrays.setdefault(k, []).append(npz[k])
+            if keys:
+                used.append(f.name)
     return arrays, used
 
 
