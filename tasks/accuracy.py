@@ -353,6 +353,14 @@ def reference_outputs(model_path: Path, eval_set: EvalSet, out_path: Optional[Pa
     return save_calls(Path(out_path), outputs)
 
 
+def reference_from_package(local_package: LocalPackage, spec: ModelSpec,
+                           profiles: Optional[List[ResolvedProfile]] = None) -> Tuple[EvalSet, Path]:
+    """The package's eval inputs and ONNX Runtime's outputs for them (one heavy CPU stage, run under
+    ``spec.limits`` by the flow: tasks/limits.run_limited)."""
+    eval_set = eval_inputs(local_package, spec, local_package.model_path, profiles)
+    return eval_set, reference_outputs(local_package.model_path, eval_set)
+
+
 def _joined(calls: List[Dict[str, np.ndarray]], name: str) -> Tuple[Optional[np.ndarray], List[int]]:
     present = [i for i, c in enumerate(calls) if name in c]
     parts = [calls[i][name] for i in present]
