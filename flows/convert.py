@@ -31,6 +31,7 @@ from flows.workers import Target, target_for_validation
 from tasks import accuracy, engine as engine_stage, precision_inputs, publish
 from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable, retry_condition
 from tasks.gpu_client import GpuEnv
+from tasks.limits import run_limited
 from tasks.metrics import gate as accuracy_gate
 from tasks.package import EngineAddress, LocalPackage, ModelPackage, fetch_package, open_model, parse_model_uri, \
     work_prefix
@@ -118,9 +119,13 @@ def resolve_target(storage) -> Target:
 
 @task(name="reference-outputs", **STAGE)
 def reference(package: LocalPackage, spec: ModelSpec, profiles: List[dict]):
-    eval_set = accuracy.eval_inputs(package, spec, package.model_path, profiles)
-    ref = accuracy.reference_outputs(package.model_path, eval_set)
-    ort = accuracy.ort_latency(package.model_path, profiles[0], spec.bench.ort_iterations) if spec.bench.enabled else None
+    # Each heavy CPU stage runs in a child under spec.limits: a Loop of 10^12 trips fails here, named.
+    eval_set, ref = run_limited("reference outputs", accuracy.reference_from_package, package, spec, profiles,
+                                limits=spec.limits)
+    ort = None
+    if spec.bench.enabled:
+        ort = run_limited("ONNX Runtime benchmark", accuracy.ort_latency, package.model_path, profiles[0],
+                          spec.bench.ort_iterations, limits=spec.limits)
     return eval_set, ref, ort
 
 
