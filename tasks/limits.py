@@ -31,6 +31,9 @@ from tasks.errors import InfraError, ModelError, TrtflowError
 NPY_MAGIC = b"\x93NUMPY"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PICKLED_FIX = "Save with np.save of a numeric array (np.savez for several); arrays must not be pickled objects."
+# Resolved at import, in the parent: between fork and exec (where die_with_parent runs) a dlopen
+# could deadlock on a lock another thread held at fork time.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 _MEMORY_WORDS = ("bad_alloc", "Failed to allocate", "MemoryError", "Cannot allocate memory", "out of memory")
 
 
@@ -41,10 +44,9 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
     from the thread that also waits for them. If the parent is already gone (it died between fork
     and here), exit at once: the signal would never come.
     """
-    if not sys.platform.startswith("linux"):
+    if _PRCTL is None:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(1)
 
