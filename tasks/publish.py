@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 from tasks.errors import TrtflowError
 from tasks.package import EngineAddress, latest_key, status_key
+from tasks.secrets import scrub
 from tasks.storage import Storage
 
 MANIFEST_SCHEMA = "trtflow.manifest/v1"
@@ -143,7 +144,8 @@ def write_latest(storage: Storage, address: EngineAddress, best: PublishedEngine
 def write_status(storage: Storage, *, name: str, model_sha: str, status: str, stage: Optional[str] = None,
                  error: Optional[BaseException] = None, flow_run_id: Optional[str] = None,
                  extra: Optional[dict] = None) -> str:
-    """Record where a conversion stands (``running``, ``waiting``, ``published``, ``cached``, ``failed``).
+    """Record where a conversion stands (``running``, ``waiting``, ``published``, ``cached``, ``failed``,
+    ``cancelled``, ``crashed``).
 
     ``waiting`` carries a ``message`` (e.g. "waiting for a GPU worker (pool gpu has none online)").
     """
@@ -157,16 +159,18 @@ def write_status(storage: Storage, *, name: str, model_sha: str, status: str, st
                                "details": [], "retriable": True}
     if extra:
         record.update(extra)
+    record = scrub(record)  # error messages and log lines may quote a credential
     key = status_key(name, model_sha)
     storage.write_json(key, record)
     return key
 
 
-def list_statuses(storage: Storage) -> List[dict]:
-    from tasks.package import STATUS_PREFIX
+def list_statuses(storage: Storage, name: Optional[str] = None) -> List[dict]:
+    """Every status record in the bucket, or only model ``name``'s."""
+    from tasks.package import STATUS_PREFIX, check_name
 
     out = []
-    for obj in storage.list(STATUS_PREFIX):
+    for obj in storage.list(STATUS_PREFIX + (check_name(name) + "/" if name else "")):
         if obj.key.endswith(".json"):
             try:
                 out.append(json.loads(storage.read_bytes(obj.key)))
