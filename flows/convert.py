@@ -10,6 +10,7 @@ errors never: they end in a status record that says how to fix the model or its 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -459,7 +460,38 @@ def _record_failure(storage, name: str, sha: str, stage: str, err: Exception, ru
                              description=f"{name} conversion failed")
 
 
-@flow(name="convert-model", flow_run_name=_run_name, log_prints=False)
+def _stopped_status(state) -> str:
+    """``cancelled`` for a cancellation or a SIGTERM (a stop that was asked for), else ``crashed``."""
+    if state.is_cancelled() or state.is_cancelling():
+        return "cancelled"
+    return "cancelled" if "termination signal" in (state.message or "") else "crashed"
+
+
+def record_stopped(flow, flow_run, state) -> None:
+    """on_cancellation / on_crashed: the status this run left (``running``, ``waiting``) says how it ended.
+
+    Runs in the flow's own process (SIGTERM, Ctrl-C) or in the worker that saw it die (SIGKILL, OOM,
+    a cancellation from the UI), so it finds this run's record by flow run id instead of by memory.
+    """
+    logger = logging.getLogger("trtflow.convert")
+    request = (flow_run.parameters or {}).get("request") or {}
+    uri = request.get("model_uri") if isinstance(request, dict) else getattr(request, "model_uri", None)
+    status = _stopped_status(state)
+    try:
+        storage, pkg = open_model(uri)
+        mine = [r for r in publish.list_statuses(storage, pkg.name)
+                if r.get("flow_run_id") == str(flow_run.id) and r.get("status") in ("running", "waiting")]
+        for record in mine:
+            publish.write_status(storage, name=record["name"], model_sha=record["model_sha256"], status=status,
+                                 stage=record.get("stage"), flow_run_id=str(flow_run.id),
+                                 extra={"message": f"{status}: {state.message or state.name}"})
+        logger.info("%s: status %s recorded for %d record(s)", pkg.name, status, len(mine))
+    except (TrtflowError, OSError, ValueError) as err:  # a hook must not raise over the run's own end
+        logger.error("could not record the %s status of %s: %s", status, uri, err)
+
+
+@flow(name="convert-model", flow_run_name=_run_name, log_prints=False, on_cancellation=[record_stopped],
+      on_crashed=[record_stopped])
 def convert_model(request: ConvertRequest) -> dict:
     """Convert one model package into TensorRT engines and publish the best one as latest.
 
