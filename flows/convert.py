@@ -33,6 +33,7 @@ from tasks import accuracy, engine as engine_stage, precision_inputs, publish
 from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable, retry_condition
 from tasks.gpu_client import GpuEnv
 from tasks.limits import run_limited
+from tasks.secrets import scrub
 from tasks.metrics import gate as accuracy_gate
 from tasks.package import EngineAddress, LocalPackage, ModelPackage, fetch_package, open_model, parse_model_uri, \
     work_prefix
@@ -456,7 +457,7 @@ def _record_failure(storage, name: str, sha: str, stage: str, err: Exception, ru
                              flow_run_id=run_id)
     except TrtflowError as status_err:  # the bucket itself is unreachable; keep the original error
         get_run_logger().error("could not write the status record: %s", status_err)
-    create_markdown_artifact(key=_artifact_key(name), markdown=f"# trtflow: {name} — failed at {stage}\n\n{err}",
+    create_markdown_artifact(key=_artifact_key(name), markdown=f"# trtflow: {name} — failed at {stage}\n\n{scrub(str(err))}",
                              description=f"{name} conversion failed")
 
 
