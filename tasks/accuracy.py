@@ -354,11 +354,17 @@ def reference_outputs(model_path: Path, eval_set: EvalSet, out_path: Optional[Pa
 
 
 def reference_from_package(local_package: LocalPackage, spec: ModelSpec,
-                           profiles: Optional[List[ResolvedProfile]] = None) -> Tuple[EvalSet, Path]:
-    """The package's eval inputs and ONNX Runtime's outputs for them (one heavy CPU stage, run under
-    ``spec.limits`` by the flow: tasks/limits.run_limited)."""
+                           profiles: Optional[List[ResolvedProfile]] = None
+                           ) -> Tuple[EvalSet, Path, Optional[Dict[str, Any]]]:
+    """The package's eval inputs, ONNX Runtime's outputs for them and (``bench.enabled``) its CPU
+    latency: one heavy CPU stage, which the flow runs under ``spec.limits`` (tasks/limits.run_limited;
+    one child, not two: each child interpreter costs about a second)."""
     eval_set = eval_inputs(local_package, spec, local_package.model_path, profiles)
-    return eval_set, reference_outputs(local_package.model_path, eval_set)
+    reference = reference_outputs(local_package.model_path, eval_set)
+    ort = None
+    if spec.bench.enabled and profiles:
+        ort = ort_latency(local_package.model_path, profiles[0], spec.bench.ort_iterations)
+    return eval_set, reference, ort
 
 
 def _joined(calls: List[Dict[str, np.ndarray]], name: str) -> Tuple[Optional[np.ndarray], List[int]]:

@@ -1,11 +1,11 @@
 """Limits for heavy CPU stages, and array files read without trusting their headers.
 
 A heavy CPU stage (reference outputs, ORT benchmark, calibration, quantisation) runs
-:func:`run_limited`: a ``spawn`` child with ``RLIMIT_AS`` at ``limits.cpu_memory_mib`` and a wall
+:func:`run_limited`: a child interpreter with ``RLIMIT_AS`` at ``limits.cpu_memory_mib`` and a wall
 clock of ``limits.cpu_stage_timeout_s``. A model with a ``Loop`` of 10^12 iterations or an opt batch
 of 10^6 then fails that one conversion with a ModelError naming the spec key to raise, instead of
-hanging or starving the worker. ``spawn`` (not fork) because the parent holds Prefect's threads and
-sockets; a forked copy of those is undefined behaviour.
+hanging or starving the worker. A fresh interpreter (exec, not a bare fork) because the parent holds
+Prefect's threads and sockets, whose forked copies are undefined behaviour.
 
 Children die with their parent (:func:`die_with_parent`, Linux ``PR_SET_PDEATHSIG``): a SIGKILLed
 conversion leaves no stage running on. Python 3.9-clean and free of Prefect (tasks/gpu_client uses it).
@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import ctypes
 import io
-import multiprocessing
 import os
 import pickle
 import resource
 import signal
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -57,13 +57,22 @@ def _memory_error(stage: str, limits: Any, err: str) -> ModelError:
                           "(profiles, build.default_opt_batch) or eval.max_samples.")
 
 
-def _child_main(conn, parent_pid: int, memory_mib: int, fn: Callable, args: tuple, kwargs: dict) -> None:
-    die_with_parent(parent_pid)
+# The child is a fresh interpreter (not multiprocessing's spawn, which re-runs the parent's main
+# script: a user's script without a __main__ guard would start its conversion again). stdin carries
+# the parent's sys.path, then the pickled job; the answer comes back on the fd named in argv.
+_CHILD_CODE = ("import pickle, sys; sys.path[:0] = pickle.load(sys.stdin.buffer); "
+               "from tasks.limits import _child_main; _child_main(int(sys.argv[1]))")
+
+
+def _child_main(result_fd: int) -> None:
+    from multiprocessing.connection import Connection
+
+    conn = Connection(result_fd, readable=False)
+    memory_mib, fn, args, kwargs = pickle.load(sys.stdin.buffer)
     limit = int(memory_mib) * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        value = fn(*args, **kwargs)
-        payload = ("ok", value)
+        payload = ("ok", fn(*args, **kwargs))
     except MemoryError as err:
         payload = ("memory", f"{type(err).__name__}: {err}")
     except TrtflowError as err:
@@ -78,8 +87,36 @@ def _child_main(conn, parent_pid: int, memory_mib: int, fn: Callable, args: tupl
     conn.close()
 
 
+def _start_limited_child(job: tuple) -> Tuple[subprocess.Popen, Any]:
+    from multiprocessing.connection import Connection
+
+    read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, str(write_fd)], stdin=subprocess.PIPE,
+                                pass_fds=(write_fd,), preexec_fn=lambda: die_with_parent(parent))
+    except OSError as err:
+        os.close(read_fd)
+        raise InfraError(f"cannot start a child interpreter for a CPU stage: {err}", fix="See the worker's log.")
+    finally:
+        os.close(write_fd)
+    try:
+        proc.stdin.write(pickle.dumps(list(sys.path)) + pickle.dumps(job))
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # the child died at once: its missing answer says so below
+    return proc, Connection(read_fd, writable=False)
+
+
+def _died(stage: str, limits: Any, code: Optional[int]) -> TrtflowError:
+    how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    if code == -signal.SIGKILL:
+        return _memory_error(stage, limits, f"killed by {how}, likely the kernel's OOM killer")
+    return InfraError(f"{stage} died without a result ({how}).", fix="Retry; if it repeats, see the worker's log.")
+
+
 def run_limited(stage: str, fn: Callable, *args: Any, limits: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` in a spawned child under ``limits`` (a ``tasks.spec.Limits``).
+    """``fn(*args, **kwargs)`` in a child interpreter under ``limits`` (a ``tasks.spec.Limits``).
 
     ``fn`` and its arguments must pickle (module-level function, plain data, paths).
 
@@ -88,12 +125,7 @@ def run_limited(stage: str, fn: Callable, *args: Any, limits: Any, **kwargs: Any
             names the spec key), or a ModelError of ``fn`` itself.
         InfraError: the child died without an answer (killed from outside), or ``fn``'s InfraError.
     """
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, name=f"trtflow-{stage}",
-                       args=(send, os.getpid(), limits.cpu_memory_mib, fn, args, kwargs))
-    proc.start()
-    send.close()
+    proc, receive = _start_limited_child((limits.cpu_memory_mib, fn, args, kwargs))
     try:
         if not receive.poll(limits.cpu_stage_timeout_s):
             raise ModelError(f"{stage} ran past its {limits.cpu_stage_timeout_s} s time limit and was stopped "
@@ -103,17 +135,15 @@ def run_limited(stage: str, fn: Callable, *args: Any, limits: Any, **kwargs: Any
         try:
             kind, value = receive.recv()
         except EOFError:
-            proc.join(5)
-            code = proc.exitcode
-            how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-            if code == -signal.SIGKILL:
-                raise _memory_error(stage, limits, f"killed by {how}, likely the kernel's OOM killer") from None
-            raise InfraError(f"{stage} died without a result ({how}).",
-                             fix="Retry; if it repeats, see the worker's log.") from None
+            try:
+                code = proc.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise _died(stage, limits, code) from None
     finally:
-        if proc.is_alive():
+        if proc.poll() is None:
             proc.kill()
-        proc.join()
+        proc.wait()
         receive.close()
     if kind == "ok":
         return value

@@ -50,6 +50,15 @@ def test_endless_loop_model_passes_validation_but_fails_the_reference_stage_with
     assert "limits.cpu_stage_timeout_s" in err.value.fix
 
 
+def test_reference_stage_in_a_limited_child_returns_outputs_and_latency(tmp_path):
+    pkg = _package(tmp_path, models.small_cnn())
+    spec = parse_spec({"bench": {"ort_iterations": 3}})
+    profiles = validate_model(pkg.model_path, spec, pkg.root).profiles
+    eval_set, reference, ort = run_limited("reference outputs", reference_from_package, pkg, spec, profiles,
+                                           limits=spec.limits)
+    assert eval_set.synthetic and reference.exists() and ort["iterations"] == 3
+
+
 def test_a_stage_over_its_memory_limit_is_a_model_error_naming_the_key():
     limits = Limits(cpu_memory_mib=600)
     with pytest.raises(ModelError) as err:
@@ -61,6 +70,29 @@ def test_a_stage_within_its_limits_returns_its_value_and_keeps_its_model_errors(
     assert run_limited("calibration", _allocate, 8, limits=Limits()) == 8 * 1024 * 1024
     with pytest.raises(ModelError, match="bad model"):
         run_limited("quantisation", _raise_model_error, limits=Limits())
+
+
+def _run_again_if_main_is_rerun() -> str:
+    return "ran once"
+
+
+def test_the_child_does_not_rerun_the_callers_main_script(tmp_path):
+    """A user's script without a __main__ guard must not start its conversion again in the child
+    (multiprocessing's spawn would re-run it)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "convert_now.py"
+    marker = tmp_path / "runs.txt"
+    script.write_text("from tasks.limits import run_limited\nfrom tasks.spec import Limits\n"
+                      "from tests.tasks.test_limits import _run_again_if_main_is_rerun\n"
+                      f"open({str(marker)!r}, 'a').write('run\\n')\n"
+                      "print(run_limited('reference outputs', _run_again_if_main_is_rerun, limits=Limits()))\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ran once" and marker.read_text() == "run\n"
 
 
 def test_a_stage_killed_from_outside_is_infra_not_model():
