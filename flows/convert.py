@@ -121,14 +121,9 @@ def resolve_target(storage) -> Target:
 
 @task(name="reference-outputs", **STAGE)
 def reference(package: LocalPackage, spec: ModelSpec, profiles: List[dict]):
-    # Each heavy CPU stage runs in a child under spec.limits: a Loop of 10^12 trips fails here, named.
-    eval_set, ref = run_limited("reference outputs", accuracy.reference_from_package, package, spec, profiles,
-                                limits=spec.limits)
-    ort = None
-    if spec.bench.enabled:
-        ort = run_limited("ONNX Runtime benchmark", accuracy.ort_latency, package.model_path, profiles[0],
-                          spec.bench.ort_iterations, limits=spec.limits)
-    return eval_set, ref, ort
+    # A heavy CPU stage runs in a child under spec.limits: a Loop of 10^12 trips fails here, named.
+    return run_limited("reference outputs and ONNX Runtime benchmark", accuracy.reference_from_package, package,
+                       spec, profiles, limits=spec.limits)
 
 
 @task(name="prepare-precision", **STAGE)
