@@ -8,11 +8,15 @@ outcome, failures included, with the reason and its fix.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
+
+import psutil
 
 from tasks.errors import TrtflowError
 from tasks.package import EngineAddress, latest_key, status_key
@@ -141,6 +145,9 @@ def write_latest(storage: Storage, address: EngineAddress, best: PublishedEngine
     return latest
 
 
+OWNED_STATUSES = ("running", "waiting")  # a live conversion process stands behind these
+
+
 def write_status(storage: Storage, *, name: str, model_sha: str, status: str, stage: Optional[str] = None,
                  error: Optional[BaseException] = None, flow_run_id: Optional[str] = None,
                  extra: Optional[dict] = None) -> str:
@@ -157,6 +164,11 @@ def write_status(storage: Storage, *, name: str, model_sha: str, status: str, st
         else:
             record["error"] = {"kind": "infra", "message": f"{type(error).__name__}: {error}", "fix": None,
                                "details": [], "retriable": True}
+    if status in OWNED_STATUSES:
+        # Who is converting, so a reader can tell a live run from one killed without a word (SIGKILL
+        # of a directly run `trtflow convert`; under a worker the runner's on_crashed hook records it).
+        record["owner"] = {"host": socket.gethostname(), "pid": os.getpid(),
+                           "create_time": psutil.Process().create_time()}
     if extra:
         record.update(extra)
     record = scrub(record)  # error messages and log lines may quote a credential
