@@ -95,6 +95,13 @@ def test_sigkill_mid_build_takes_the_gpu_child_along_and_frees_the_gpu(api_url, 
     proc.kill()
     proc.wait(timeout=10)
     _assert_child_gone_and_slot_free(child, gpu_id, monkeypatch, tmp_path)
+    # Nothing ran after SIGKILL to write the record; `trtflow status` sees its owner is gone.
+    from flows.cli import _status_rows
+
+    [record] = list_statuses(storage, "cnn")
+    assert record["status"] == "running" and record["owner"]["pid"] == proc.pid
+    [row] = _status_rows(storage)
+    assert row["status"] == "crashed" and f"pid {proc.pid}" in row["reason"]
 
 
 def test_gpu_child_gets_no_credentials(api_url, tmp_path, monkeypatch):
