@@ -18,6 +18,7 @@ export PYTHONPATH=/opt/py312:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/kill-gpu.XXXX)
 BUCKET=$WORK/bucket
+export TRTFLOW_WORKDIR=$WORK/work  # build folders, so our GPU children can be told from anyone else's
 PORT=${PORT:-4297}
 export PREFECT_API_URL=http://127.0.0.1:$PORT/api
 STARTED=()   # pids of everything this script started (each the leader of its own session)
@@ -39,7 +40,8 @@ now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 # What a GPU child's command line holds (a dry run with the test double: GPU_PATTERN=tests.doubles.gpu_double).
 GPU_PATTERN=${GPU_PATTERN:-tasks.gpu}
-gpu_count() { pgrep -fc "$GPU_PATTERN" || true; }  # finds, never kills by name
+# Ours: their request files lie under $WORK (TRTFLOW_WORKDIR), whoever else uses the machine.
+gpu_count() { echo "$(pgrep -fc "$GPU_PATTERN .*$WORK" || true) (any: $(pgrep -fc "$GPU_PATTERN" || true))"; }  # finds, never kills by name
 
 # wait_build DEADLINE_S: echo the pid of the `tasks.gpu engine` child of $CONVERT_PID (its build), or
 # nothing at the deadline
@@ -100,7 +102,7 @@ sleep 10  # into the build (80+ s): the kill lands mid-build
 kill -KILL "$CONVERT_PID"; tk=$(now)
 sleep 5
 echo "kill9: A's build started $(secs "$t0" "$tb") s after launch; killed $(secs "$tb" "$tk") s into it; tasks.gpu processes 5 s later: $(gpu_count) (want 0); GPU apps: $(gpu_mem)"
-echo "kill9: A's status record: $(status_of) (a directly run flow cannot write after SIGKILL; under a worker its runner records crashed)"
+echo "kill9: A's status record: $(status_of) (nothing runs after SIGKILL of a direct run to rewrite it); trtflow status says: $(python3 -m flows.cli status "$BUCKET" --json 2>/dev/null | python3 -c 'import json,sys; r=json.load(sys.stdin)["models"][0]; print(r["status"], "-", r["reason"])') (want crashed)"
 
 # ---- 2. the next conversion gets the GPU at once
 convert b; t0=$(now)
