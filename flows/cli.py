@@ -211,13 +211,30 @@ def _status_rows(storage) -> List[dict]:
     rows = []
     for p in list_packages(storage):
         latest = storage.read_json(latest_key(p.name)) or {}
-        st = by_name.get(p.name) or {}
+        st = _with_dead_owner_crashed(by_name.get(p.name) or {})
         err = st.get("error") or {}
         rows.append({"model": p.name, "files": len(p.files), "latest_engine": latest.get("engine"),
                      "precision": latest.get("precision"), "target": latest.get("default"),
                      "status": st.get("status"), "stage": st.get("stage"),
                      "reason": st.get("reason") or st.get("message") or err.get("message"), "fix": err.get("fix")})
     return rows
+
+
+def _with_dead_owner_crashed(record: dict) -> dict:
+    """A running/waiting record whose conversion process (on this host) is gone reads as crashed."""
+    import socket
+
+    from flows.supervise import Proc, is_alive
+    from tasks.publish import OWNED_STATUSES
+
+    owner = record.get("owner") or {}
+    if record.get("status") not in OWNED_STATUSES or owner.get("host") != socket.gethostname() or \
+            not owner.get("pid") or is_alive(Proc("convert", int(owner["pid"]), float(owner.get("create_time", 0)),
+                                                  [], "")):
+        return record
+    return dict(record, status="crashed",
+                message=f"its conversion process (pid {owner['pid']}) is gone without recording an end (killed?); "
+                        "convert it again")
 
 
 @app.command()
@@ -252,11 +269,13 @@ def _print_status_table(uri: str, rows: List[dict]) -> None:
     table = Table(title=f"trtflow models in {escape(uri)}")
     for col in ("model", "files", "latest engine", "precision", "target", "status", "why"):
         table.add_column(col)
-    colour = {"failed": "red", "published": "green", "cached": "green", "waiting": "yellow", "running": "cyan"}
+    colour = {"failed": "red", "published": "green", "cached": "green", "waiting": "yellow", "running": "cyan",
+              "crashed": "red", "cancelled": "yellow"}
     for r in rows:
         st = r["status"] or "—"
         # The failure's message and fix are printed in full below the table, where they do not wrap.
-        why = {"failed": f"at {r['stage']} (below)", "waiting": r["reason"]}.get(r["status"] or "", "")
+        why = {"failed": f"at {r['stage']} (below)", "waiting": r["reason"], "crashed": r["reason"],
+               "cancelled": r["reason"]}.get(r["status"] or "", "")
         table.add_row(*(escape(str(v)) for v in (r["model"], r["files"], r["latest_engine"] or "—",
                                                   r["precision"] or "—", r["target"] or "—")),
                       f"[{colour.get(st, 'white')}]{escape(st)}[/]", escape(why or ""))

@@ -10,6 +10,7 @@ errors never: they end in a status record that says how to fix the model or its 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ from flows.workers import Target, target_for_validation
 from tasks import accuracy, engine as engine_stage, precision_inputs, publish
 from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable, retry_condition
 from tasks.gpu_client import GpuEnv
+from tasks.limits import run_limited
+from tasks.secrets import scrub
 from tasks.metrics import gate as accuracy_gate
 from tasks.package import EngineAddress, LocalPackage, ModelPackage, fetch_package, open_model, parse_model_uri, \
     work_prefix
@@ -121,10 +124,9 @@ def resolve_target(storage) -> Target:
 
 @task(name="reference-outputs", **STAGE)
 def reference(package: LocalPackage, spec: ModelSpec, profiles: List[dict]):
-    eval_set = accuracy.eval_inputs(package, spec, package.model_path, profiles)
-    ref = accuracy.reference_outputs(package.model_path, eval_set)
-    ort = accuracy.ort_latency(package.model_path, profiles[0], spec.bench.ort_iterations) if spec.bench.enabled else None
-    return eval_set, ref, ort
+    # A heavy CPU stage runs in a child under spec.limits: a Loop of 10^12 trips fails here, named.
+    return run_limited("reference outputs and ONNX Runtime benchmark", accuracy.reference_from_package, package,
+                       spec, profiles, limits=spec.limits)
 
 
 @task(name="prepare-precision", **STAGE)
@@ -508,7 +510,7 @@ def _record_failure(storage, name: str, sha: str, stage: str, err: Exception, ru
                              flow_run_id=run_id)
     except TrtflowError as status_err:  # the bucket itself is unreachable; keep the original error
         get_run_logger().error("could not write the status record: %s", status_err)
-    create_markdown_artifact(key=_artifact_key(name), markdown=f"# trtflow: {name} — failed at {stage}\n\n{err}",
+    create_markdown_artifact(key=_artifact_key(name), markdown=f"# trtflow: {name} — failed at {stage}\n\n{scrub(str(err))}",
                              description=f"{name} conversion failed")
 
 
@@ -521,7 +523,39 @@ def _note_newer_upload(pkg: ModelPackage, seen: str) -> None:
                               "newer upload", pkg.name, seen[:12], pkg.fingerprint[:12])
 
 
-@flow(name="convert-model", flow_run_name=_run_name, log_prints=False)
+
+def _stopped_status(state) -> str:
+    """``cancelled`` for a cancellation or a SIGTERM (a stop that was asked for), else ``crashed``."""
+    if state.is_cancelled() or state.is_cancelling():
+        return "cancelled"
+    return "cancelled" if "termination signal" in (state.message or "") else "crashed"
+
+
+def record_stopped(flow, flow_run, state) -> None:
+    """on_cancellation / on_crashed: the status this run left (``running``, ``waiting``) says how it ended.
+
+    Runs in the flow's own process (SIGTERM, Ctrl-C) or in the worker that saw it die (SIGKILL, OOM,
+    a cancellation from the UI), so it finds this run's record by flow run id instead of by memory.
+    """
+    logger = logging.getLogger("trtflow.convert")
+    request = (flow_run.parameters or {}).get("request") or {}
+    uri = request.get("model_uri") if isinstance(request, dict) else getattr(request, "model_uri", None)
+    status = _stopped_status(state)
+    try:
+        storage, pkg = open_model(uri)
+        mine = [r for r in publish.list_statuses(storage, pkg.name)
+                if r.get("flow_run_id") == str(flow_run.id) and r.get("status") in ("running", "waiting")]
+        for record in mine:
+            publish.write_status(storage, name=record["name"], model_sha=record["model_sha256"], status=status,
+                                 stage=record.get("stage"), flow_run_id=str(flow_run.id),
+                                 extra={"message": f"{status}: {state.message or state.name}"})
+        logger.info("%s: status %s recorded for %d record(s)", pkg.name, status, len(mine))
+    except (TrtflowError, OSError, ValueError) as err:  # a hook must not raise over the run's own end
+        logger.error("could not record the %s status of %s: %s", status, uri, err)
+
+
+@flow(name="convert-model", flow_run_name=_run_name, log_prints=False, on_cancellation=[record_stopped],
+      on_crashed=[record_stopped])
 def convert_model(request: ConvertRequest) -> dict:
     """Convert one model package into TensorRT engines and publish the best one as latest.
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import onnx
 
+from tasks.limits import load_npy, load_npz
 from tasks.errors import ModelError
 from tasks.metrics import GateResult, OutputMetrics, compare_outputs, gate
 from tasks.package import LocalPackage
@@ -150,15 +151,16 @@ def _read_eval_files(folder: Path, names: List[str]) -> Tuple[Dict[str, List[np.
     used: List[str] = []
     for f in sorted(folder.iterdir()):
         if f.suffix == ".npy" and f.stem in names:
-            arrays.setdefault(f.stem, []).append(np.load(f, allow_pickle=False))
+            arrays.setdefault(f.stem, []).append(load_npy(f, f"eval/{f.name}"))
             used.append(f.name)
         elif f.suffix == ".npz":
-            with np.load(f, allow_pickle=False) as npz:
-                keys = [k for k in npz.files if k in names]
-                for k in keys:
-                    arrays.setdefault(k, []).append(npz[k])
-                if keys:
-                    used.append(f.name)
+            # load_npz refuses pickled arrays and members that would inflate past limits.max_array_mib
+            npz = load_npz(f, f"eval/{f.name}")
+            keys = [k for k in npz if k in names]
+            for k in keys:
+                arrays.setdefault(k, []).append(npz[k])
+            if keys:
+                used.append(f.name)
     return arrays, used
 
 
@@ -349,6 +351,20 @@ def reference_outputs(model_path: Path, eval_set: EvalSet, out_path: Optional[Pa
     sess = _session(Path(model_path))
     outputs = [_run(sess, call, f"eval call {i}") for i, call in enumerate(eval_set.load())]
     return save_calls(Path(out_path), outputs)
+
+
+def reference_from_package(local_package: LocalPackage, spec: ModelSpec,
+                           profiles: Optional[List[ResolvedProfile]] = None
+                           ) -> Tuple[EvalSet, Path, Optional[Dict[str, Any]]]:
+    """The package's eval inputs, ONNX Runtime's outputs for them and (``bench.enabled``) its CPU
+    latency: one heavy CPU stage, which the flow runs under ``spec.limits`` (tasks/limits.run_limited;
+    one child, not two: each child interpreter costs about a second)."""
+    eval_set = eval_inputs(local_package, spec, local_package.model_path, profiles)
+    reference = reference_outputs(local_package.model_path, eval_set)
+    ort = None
+    if spec.bench.enabled and profiles:
+        ort = ort_latency(local_package.model_path, profiles[0], spec.bench.ort_iterations)
+    return eval_set, reference, ort
 
 
 def _joined(calls: List[Dict[str, np.ndarray]], name: str) -> Tuple[Optional[np.ndarray], List[int]]:

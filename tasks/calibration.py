@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tasks.limits import load_npy, load_npz
 from tasks.errors import ModelError
 from tasks.shapes import SYNTHETIC_RULE, Dim, TensorInfo, default_batch_range, model_io, synthetic_inputs
 from tasks.spec import ModelSpec, Preprocess
@@ -258,22 +259,13 @@ def _data_files(folder: Path) -> List[Path]:
 
 def _npy_samples(raw: bytes, source: str, spec: ModelSpec, infos: Dict[str, InputInfo],
                  stem: str) -> Dict[str, np.ndarray]:
-    try:
-        array = np.load(io.BytesIO(raw), allow_pickle=False)
-    except ValueError as err:
-        raise ModelError(f"{source} is not a readable .npy array: {err}",
-                         fix="Write it with numpy.save (no object arrays).") from None
+    array = load_npy(raw, source)
     info = _resolve_single_input(spec, infos, source, stem)
     return {info.name: _conform(info, array, source)}
 
 
 def _npz_samples(raw: bytes, source: str, infos: Dict[str, InputInfo]) -> Dict[str, np.ndarray]:
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except ValueError as err:
-        raise ModelError(f"{source} is not a readable .npz archive: {err}",
-                         fix="Write it with numpy.savez(path, **{input_name: array}).") from None
+    arrays = load_npz(raw, source)  # refuses pickles and members that inflate past limits.max_array_mib
     unknown = sorted(set(arrays) - set(infos))
     if unknown:
         raise ModelError(f"{source} has arrays {', '.join(unknown)}, which the model has no inputs called.",

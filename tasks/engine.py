@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from tasks.errors import InfraError, TrtflowError
+from tasks.secrets import scrub
 from tasks.gpu_client import GpuEnv, run_gpu
 from tasks.identity import get_checked, put_checked
 from tasks.package import calib_cache_key, timing_cache_key
@@ -284,7 +285,7 @@ def store_build_outputs(storage: Storage, prefix: str, outcome: EngineOutcome, e
 
 
 def store_build_error(storage: Storage, prefix: str, err: TrtflowError) -> str:
-    storage.write_json(prefix + ERROR_FILE, err.to_dict())
+    storage.write_json(prefix + ERROR_FILE, scrub(err.to_dict()))  # read back into status records
     return prefix + ERROR_FILE
 
 

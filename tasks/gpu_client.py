@@ -4,24 +4,36 @@ The flow never imports tensorrt. Each GPU step is a subprocess in its own proces
 gives crash isolation (a segfault or CUDA error kills only that process), a hard timeout (the whole
 group is killed) and clean GPU memory per build. Its stdout and stderr are kept as ``build.log``.
 
+The child's life is tied to its caller's: it gets ``PR_SET_PDEATHSIG`` = SIGKILL (a SIGKILLed flow
+process takes it along), and any exception while waiting (Prefect's cancellation/termination
+signal, SIGTERM, Ctrl-C) kills its whole group and waits for it before propagating. It inherits the
+fds of :func:`passed_to_gpu_children` (flows/gpu_slot.py's per-GPU lock), so that lock is held until
+the child itself is gone. Its environment is the allow-list of tasks/secrets.py (no credentials),
+and the log tail and errors it returns are scrubbed of secrets.
+
 Protocol: the request is a JSON object (see tasks/gpu/__main__.py for each verb's fields); the
 response is ``{"ok": true, ...}`` or ``{"ok": false, "error": {"kind": "model"|"infra", "message",
 "fix", "details"}}``.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 from tasks.errors import InfraError, ModelError, TrtflowError
 from tasks.gpu.compat import Caps, caps_for_version
+from tasks.limits import die_with_parent
+from tasks.secrets import gpu_child_env, scrub
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,11 +89,99 @@ class GpuCall:
     seconds: float
 
 
+_INHERITED_FDS: contextvars.ContextVar = contextvars.ContextVar("trtflow_gpu_inherited_fds", default=())
+
+
+@contextmanager
+def passed_to_gpu_children(fd: int) -> Iterator[None]:
+    """Every GPU child started inside the ``with`` block inherits ``fd`` (e.g. a held flock)."""
+    token = _INHERITED_FDS.set(tuple(_INHERITED_FDS.get()) + (fd,))
+    try:
+        yield
+    finally:
+        _INHERITED_FDS.reset(token)
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return scrub("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
     except OSError:
         return ""
+
+
+def _child_env() -> dict:
+    env = gpu_child_env()
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # The H100's /opt/trt/bin/trt-python wrapper replaces PYTHONPATH with its own site folder and
+    # appends only TRT_EXTRA_PYTHONPATH, so the project root must travel there too.
+    env["TRT_EXTRA_PYTHONPATH"] = str(PROJECT_ROOT) + (
+        os.pathsep + env["TRT_EXTRA_PYTHONPATH"] if env.get("TRT_EXTRA_PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+STOP_GRACE_S = 3.0  # SIGTERM, then this long to exit, then SIGKILL
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
+    """End the child's whole process group (TensorRT may have started helpers) and reap the child:
+    SIGTERM and ``grace_s`` to exit when given, then SIGKILL."""
+    if grace_s > 0:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+
+
+def _scrub_log(path: Path) -> None:
+    """build.log is uploaded beside the engine: no credential may be in it."""
+    try:
+        text = path.read_text(errors="replace")
+        clean = scrub(text)
+        if clean != text:
+            path.write_text(clean)
+    except OSError:
+        pass
+
+
+class _SigtermRaises:
+    """While waiting in the main thread with no SIGTERM handler installed (a plain ``python -m``
+    run; Prefect's runner installs its own), turn SIGTERM into SystemExit so the ``finally`` that
+    ends the child runs."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def _start_child(cmd: list, log, env: dict, workdir: Path, fds: Tuple[int, ...]) -> subprocess.Popen:
+    parent = os.getpid()
+    # preexec_fn: the only hook that runs in the child between fork and exec, where PDEATHSIG must be
+    # set. PDEATHSIG fires when the forking THREAD exits: this thread also waits for the child.
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
+                            start_new_session=True, pass_fds=fds, preexec_fn=lambda: die_with_parent(parent))
 
 
 def run_gpu(verb: str, request: dict, workdir: Path, timeout_s: float, log_name: str = "build.log") -> GpuCall:
@@ -97,33 +197,33 @@ def run_gpu(verb: str, request: dict, workdir: Path, timeout_s: float, log_name:
     req_path.write_text(json.dumps(request, indent=2, sort_keys=True))
     resp_path.unlink(missing_ok=True)
     interpreter = trt_python()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # The H100's /opt/trt/bin/trt-python wrapper replaces PYTHONPATH with its own site folder and
-    # appends only TRT_EXTRA_PYTHONPATH, so the project root must travel there too.
-    env["TRT_EXTRA_PYTHONPATH"] = str(PROJECT_ROOT) + (
-        os.pathsep + env["TRT_EXTRA_PYTHONPATH"] if env.get("TRT_EXTRA_PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env = _child_env()
     cmd = [interpreter, "-m", "tasks.gpu", verb, str(req_path), str(resp_path)]
     start = time.monotonic()
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
         try:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
-                                    start_new_session=True)
+            proc = _start_child(cmd, log, env, workdir, tuple(_INHERITED_FDS.get()))
         except OSError as err:
             raise InfraError(f"cannot start the GPU interpreter {interpreter!r}: {err}.",
                              fix="Set TRT_PYTHON to a Python that has tensorrt and pycuda installed.") from None
         try:
-            rc = proc.wait(timeout=timeout_s)
+            with _SigtermRaises():
+                rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            # Kill the whole group: TensorRT's builder may have started helper processes.
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _end_group(proc)
+            _scrub_log(log_path)
             raise ModelError(f"GPU step '{verb}' ran past its {timeout_s:.0f} s limit and was killed.",
                              fix="Raise build.timeout_s in trtflow.yaml, or lower build.optimization_level.",
                              details=[_tail(log_path)])
+        except BaseException:
+            # Cancelled, terminated or interrupted: the child goes first (the GPU slot's lock with it),
+            # then we do.
+            _end_group(proc, STOP_GRACE_S)
+            _scrub_log(log_path)
+            raise
+    _scrub_log(log_path)
     seconds = time.monotonic() - start
     response = None
     if resp_path.exists():
@@ -136,7 +236,7 @@ def run_gpu(verb: str, request: dict, workdir: Path, timeout_s: float, log_name:
         raise InfraError(f"GPU step '{verb}' crashed ({how}) without a result. Last lines of its log:\n{_tail(log_path)}",
                          fix="See build.log; a CUDA error or out-of-memory usually clears on a retry or another worker.")
     if not response.get("ok"):
-        raise TrtflowError.from_dict(response.get("error") or {"kind": "infra", "message": "no error given"})
+        raise TrtflowError.from_dict(scrub(response.get("error") or {"kind": "infra", "message": "no error given"}))
     return GpuCall(response, log_path, seconds)
 
 

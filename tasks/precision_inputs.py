@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from tasks.errors import ModelError
 from tasks.gpu import compat
+from tasks.limits import run_limited
 from tasks.package import LocalPackage
 from tasks.spec import ModelSpec
 from tasks.storage import Storage
@@ -55,16 +56,18 @@ def prepare(storage: Storage, *, tensorrt: str, caps: compat.Caps, target_key: O
         raise ModelError(f"calibration.mode 'calibrator' needs TensorRT's implicit INT8 calibrator, which TensorRT "
                          f"{tensorrt} no longer has.", fix="Use calibration.mode: qdq (explicit quantisation).")
     folder = package.data_dir(spec.calibration.data)
-    data = calibration.load_calibration_data(folder, spec, calibration.inputs_from_onnx(package.model_path),
-                                             profiles=profiles)
+    # Calibration and quantisation run under spec.limits (tasks/limits.py): huge data or a model that
+    # never finishes fails this precision with a ModelError instead of hanging the worker.
+    data = run_limited("calibration", calibration.load_calibration_data, folder, spec,
+                       calibration.inputs_from_onnx(package.model_path), profiles=profiles, limits=spec.limits)
     record = {"mode": mode, "method": spec.calibration.method, "data_sha256": data.sha256, "samples": data.samples,
               "synthetic": data.synthetic, "synthetic_calibration": data.synthetic}
     if data.synthetic:
         record["note"] = data.note
     if mode == "calibrator":
         batch_size = calibration.calibration_batch_size(spec, profiles)  # must be the profile's opt batch
-        batches = calibration.calibration_batches(data, batch_size, Path(workdir) / "calib-batches",
-                                                  profiles=profiles)
+        batches = run_limited("calibration", calibration.calibration_batches, data, batch_size,
+                              Path(workdir) / "calib-batches", profiles=profiles, limits=spec.limits)
         from tasks.engine import calibrator_cache
 
         cache_in, key = calibrator_cache(storage, name=package.name, model_sha=package.weights_sha256,
@@ -80,7 +83,8 @@ def prepare(storage: Storage, *, tensorrt: str, caps: compat.Caps, target_key: O
     qdq_path = Path(workdir) / "model.qdq.onnx"
     reused = quantize.fetch_cached_qdq(storage, key, qdq_path)
     if not reused:
-        result = quantize.qdq_model_from_calibration(package.model_path, data, spec, qdq_path, tensorrt=tensorrt)
+        result = run_limited("quantisation", quantize.qdq_model_from_calibration, package.model_path, data, spec,
+                             qdq_path, tensorrt=tensorrt, limits=spec.limits)
         quantize.store_cached_qdq(storage, key, qdq_path, result)
         record.update(backend=result.backend, qdq_nodes=result.qdq_nodes, excluded=result.excluded_nodes)
     problems = quantize.check_qdq_structure(qdq_path)

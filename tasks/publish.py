@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
+import socket
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import ContextManager, Dict, List, Optional
 
+import psutil
+
 from tasks.errors import TrtflowError
 from tasks.package import EngineAddress, latest_key, status_key
+from tasks.secrets import scrub
 from tasks.storage import Storage, sha256_file
 
 MANIFEST_SCHEMA = "trtflow.manifest/v1"
@@ -193,10 +198,14 @@ def write_latest(storage: Storage, address: EngineAddress, best: PublishedEngine
     return latest
 
 
+OWNED_STATUSES = ("running", "waiting")  # a live conversion process stands behind these
+
+
 def write_status(storage: Storage, *, name: str, model_sha: str, status: str, stage: Optional[str] = None,
                  error: Optional[BaseException] = None, flow_run_id: Optional[str] = None,
                  extra: Optional[dict] = None) -> str:
-    """Record where a conversion stands (``running``, ``waiting``, ``published``, ``cached``, ``failed``).
+    """Record where a conversion stands (``running``, ``waiting``, ``published``, ``cached``, ``failed``,
+    ``cancelled``, ``crashed``).
 
     ``waiting`` carries a ``message`` (e.g. "waiting for a GPU worker (pool gpu has none online)").
     """
@@ -208,18 +217,25 @@ def write_status(storage: Storage, *, name: str, model_sha: str, status: str, st
         else:
             record["error"] = {"kind": "infra", "message": f"{type(error).__name__}: {error}", "fix": None,
                                "details": [], "retriable": True}
+    if status in OWNED_STATUSES:
+        # Who is converting, so a reader can tell a live run from one killed without a word (SIGKILL
+        # of a directly run `trtflow convert`; under a worker the runner's on_crashed hook records it).
+        record["owner"] = {"host": socket.gethostname(), "pid": os.getpid(),
+                           "create_time": psutil.Process().create_time()}
     if extra:
         record.update(extra)
+    record = scrub(record)  # error messages and log lines may quote a credential
     key = status_key(name, model_sha)
     storage.write_json(key, record)
     return key
 
 
-def list_statuses(storage: Storage) -> List[dict]:
-    from tasks.package import STATUS_PREFIX
+def list_statuses(storage: Storage, name: Optional[str] = None) -> List[dict]:
+    """Every status record in the bucket, or only model ``name``'s."""
+    from tasks.package import STATUS_PREFIX, check_name
 
     out = []
-    for obj in storage.list(STATUS_PREFIX):
+    for obj in storage.list(STATUS_PREFIX + (check_name(name) + "/" if name else "")):
         if obj.key.endswith(".json"):
             try:
                 out.append(json.loads(storage.read_bytes(obj.key)))

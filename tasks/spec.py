@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.errors import ModelError
 
 SPEC_FILENAME = "trtflow.yaml"
+MAX_TENSOR_ELEMENTS = 2**31 - 1  # TensorRT's volume limit of one tensor
 
 
 class Precision(str, Enum):
@@ -61,6 +62,13 @@ class ShapeRange(_Strict):
         for lo, mid, hi in zip(self.min, self.opt, self.max):
             if not (1 <= lo <= mid <= hi):
                 raise ValueError(f"need 1 <= min <= opt <= max in every dimension, got {self.min} / {self.opt} / {self.max}")
+        volume = 1
+        for d in self.max:
+            volume *= d
+        if volume > MAX_TENSOR_ELEMENTS:
+            # TensorRT indexes tensors with 32-bit volumes; beyond that a shape only exhausts memory.
+            raise ValueError(f"max shape {self.max} has {volume} elements, over TensorRT's limit of "
+                             f"{MAX_TENSOR_ELEMENTS}; lower the batch (opt/max) or other dimensions")
         return self
 
 
@@ -107,8 +115,8 @@ class Calibration(_Strict):
     percentile: float = Field(99.999, gt=90.0, le=100.0)
     backend: Literal["auto", "onnxruntime", "modelopt"] = Field(
         "auto", description="auto: NVIDIA ModelOpt when installed, else onnxruntime.quantization")
-    max_samples: int = Field(512, ge=1)
-    batch_size: int = Field(8, ge=1, description="calibrator batches; must equal the calibration profile's opt batch")
+    max_samples: int = Field(512, ge=1, le=100_000)
+    batch_size: int = Field(8, ge=1, le=4096, description="calibrator batches; must equal the calibration profile's opt batch")
     synthetic: bool = Field(False, description="allow random calibration data (accuracy then not representative)")
     exclude_nodes: List[str] = Field(default_factory=list, description="ONNX node names kept in float")
     exclude_op_types: List[str] = Field(default_factory=list, description="ONNX op types kept in float")
@@ -137,45 +145,54 @@ class Eval(_Strict):
     """Inputs for the accuracy check. Without data, seeded synthetic inputs are used and flagged."""
 
     data: str = Field("eval", description="folder inside the model package")
-    synthetic_samples: int = Field(8, ge=1)
+    synthetic_samples: int = Field(8, ge=1, le=10_000)
     seed: int = 0
-    max_samples: int = Field(256, ge=1)
+    max_samples: int = Field(256, ge=1, le=100_000)
 
 
 class Build(_Strict):
-    workspace_mib: int = Field(4096, ge=16)
+    workspace_mib: int = Field(4096, ge=16, le=1 << 20)
     optimization_level: int = Field(3, ge=0, le=5)
-    timeout_s: int = Field(1800, ge=10, description="kill the GPU subprocess after this long")
+    timeout_s: int = Field(1800, ge=10, le=86_400, description="kill the GPU subprocess after this long")
     hardware_compatibility: Literal["none", "ampere_plus"] = "none"
     version_compatible: bool = False
     timing_cache: bool = True
-    default_max_batch: int = Field(32, ge=1, description="max of the default profile for a dynamic batch dim")
-    default_opt_batch: int = Field(8, ge=1)
+    default_max_batch: int = Field(32, ge=1, le=65_536, description="max of the default profile for a dynamic batch dim")
+    default_opt_batch: int = Field(8, ge=1, le=65_536)
 
 
 class Bench(_Strict):
     """How engines are timed (tasks/gpu/bench.py; docs/benchmarks.md explains the method)."""
 
     enabled: bool = True
-    warmup: int = Field(20, ge=0, description="unused since warm-up is by time (warmup_ms); kept so old specs load")
-    warmup_ms: float = Field(200.0, ge=0, description="warm-up by time before any figure is taken")
-    window_ms: float = Field(1000.0, gt=0, description="total time of the enqueue-ahead throughput windows")
-    windows: int = Field(5, ge=1, description="throughput windows; their CoV is the stability figure")
-    iterations: int = Field(200, ge=1, description="latency samples (GPU compute and host)")
+    warmup: int = Field(20, ge=0, le=10_000, description="unused since warm-up is by time (warmup_ms); kept so old specs load")
+    warmup_ms: float = Field(200.0, ge=0, le=600_000, description="warm-up by time before any figure is taken")
+    window_ms: float = Field(1000.0, gt=0, le=600_000, description="total time of the enqueue-ahead throughput windows")
+    windows: int = Field(5, ge=1, le=1000, description="throughput windows; their CoV is the stability figure")
+    iterations: int = Field(200, ge=1, le=100_000, description="latency samples (GPU compute and host)")
     cuda_graph: bool = Field(True, description="capture the inference in a CUDA graph where the engine allows it")
     cov_limit: float = Field(0.05, gt=0, description="re-run the windows while their CoV is above this")
-    max_reruns: int = Field(2, ge=0)
+    max_reruns: int = Field(2, ge=0, le=20)
     layer_times: bool = Field(False, description="per-layer times (TensorRT IProfiler) into layer_times.json")
     sweep: Union[bool, List[int]] = Field(
         True, description="batch sweep: true = min, powers of two, opt, max of the profile; or a list of batches")
     p99_target_ms: Optional[float] = Field(None, gt=0, description="report the largest batch whose GPU p99 is within this")
-    ort_iterations: int = Field(20, ge=1, description="ONNX Runtime CPU runs for the speedup figure")
+    ort_iterations: int = Field(20, ge=1, le=10_000, description="ONNX Runtime CPU runs for the speedup figure")
 
     def gpu_request(self) -> Optional[dict]:
         """The GPU protocol's ``bench`` request (tasks/gpu/bench.py BenchSettings), None when disabled."""
         if not self.enabled:
             return None
         return self.model_dump(mode="json", exclude={"enabled", "warmup", "ort_iterations"})
+
+
+class Limits(_Strict):
+    """What one heavy CPU stage may use (tasks/limits.py): reference outputs, ORT benchmark,
+    calibration and quantisation each run in a child under these; none change the engine."""
+
+    cpu_stage_timeout_s: int = Field(1800, ge=1, le=86_400, description="wall clock per heavy CPU stage")
+    cpu_memory_mib: int = Field(16384, ge=512, le=1 << 20, description="address-space limit per heavy CPU stage")
+    max_array_mib: int = Field(4096, ge=1, le=1 << 20, description="largest array one .npy/.npz member may inflate to")
 
 
 class ModelSpec(_Strict):
@@ -193,6 +210,7 @@ class ModelSpec(_Strict):
     eval: Eval = Field(default_factory=Eval)
     build: Build = Field(default_factory=Build)
     bench: Bench = Field(default_factory=Bench)
+    limits: Limits = Field(default_factory=Limits)
 
     @field_validator("precisions")
     @classmethod
@@ -212,8 +230,8 @@ class ModelSpec(_Strict):
         return Tolerance(**base)
 
     def build_key(self) -> str:
-        """Hash of the spec (bench settings aside): part of every engine address and the cache key."""
-        relevant = self.model_dump(mode="json", exclude={"bench"})
+        """Hash of the spec (bench settings and limits aside): part of every engine address and the cache key."""
+        relevant = self.model_dump(mode="json", exclude={"bench", "limits"})  # neither changes the engine
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 

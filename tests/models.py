@@ -265,3 +265,29 @@ def dynamic_axes_slice_model(width: int = 8) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width - 4])],
         [_init("one", np.array([1], np.int64))])
     return _model(graph)
+
+
+def endless_loop_model(trip_count: int = 10**12, width: int = 4) -> onnx.ModelProto:
+    """x float32 [1,width] -> y: a Loop adding 1 to x ``trip_count`` times (valid ONNX that never ends in practice).
+
+    Passes onnx.checker and TensorRT-oriented validation; ONNX Runtime runs it for as long as it is let.
+    """
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Add", ["acc_in", "one"], ["acc_out"], name="step")],
+        "loop_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, [1]),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [1]),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [1]),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1, width])],
+        [_init("one", np.ones((1, width), np.float32))],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], name="endless", body=body)],
+        "endless_loop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
+        [_init("trips", np.array([trip_count], np.int64)), _init("cond", np.array([True]))],
+    )
+    return _model(graph)

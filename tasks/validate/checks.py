@@ -88,6 +88,13 @@ def _check_external_data(model: onnx.ModelProto, model_path: Path, package_root:
             problems.setdefault(("external_data_bad_entry", loc), []).append(t.name)
             details[("external_data_bad_entry", loc)] = "its offset or length is not an integer"
             continue
+        if offset < 0 or (length is not None and length < 0):
+            # A negative offset would make a reader seek from the file's end, a negative length read
+            # everything: refuse both here, before any reader (onnxruntime, TensorRT) sees them.
+            problems.setdefault(("external_data_bad_entry", loc), []).append(t.name)
+            details[("external_data_bad_entry", loc)] = (f"its offset ({offset}) or length ({length}) is negative; "
+                                                         "both must be >= 0")
+            continue
         if not loc:
             problems.setdefault(("external_data_bad_entry", ""), []).append(t.name)
             details[("external_data_bad_entry", "")] = "it has no location"

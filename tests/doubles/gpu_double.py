@@ -8,6 +8,9 @@ header that says so; its benchmark times onnxruntime on the CPU. Knobs (environm
   TRTFLOW_DOUBLE_NOISE_<PRECISION>=0.5    add that much relative noise to that precision's outputs
   TRTFLOW_DOUBLE_TRT_VERSION=10.8.0       the TensorRT version its probe reports (default 0.0.0-double)
   TRTFLOW_DOUBLE_TRACE=<file>             append "<verb> <precision> <start> <end>" lines (concurrency tests)
+  TRTFLOW_DOUBLE_BLOCK=<file>             engine: write "<pid>" there, then "build" for 600 s (kill tests)
+  TRTFLOW_DOUBLE_ENV_DUMP=<file>          write the environment it was given as JSON (allow-list tests)
+  TRTFLOW_DOUBLE_LEAK=<text>              engine: print <text> to its log and fail with it (scrub tests)
 """
 from __future__ import annotations
 
@@ -34,6 +37,15 @@ def _engine(req: dict) -> dict:
     import onnxruntime as ort
 
     fail = os.environ.get("TRTFLOW_DOUBLE_FAIL")
+    block = os.environ.get("TRTFLOW_DOUBLE_BLOCK")
+    if block:
+        Path(block).write_text(str(os.getpid()))
+        time.sleep(600)  # stands in for a long TensorRT build; the tests kill it long before
+    leak = os.environ.get("TRTFLOW_DOUBLE_LEAK")
+    if leak:
+        print(f"double: building with {leak}", file=sys.stderr, flush=True)
+        return {"ok": False, "error": {"kind": "infra", "message": f"double: failed near {leak}", "fix": None,
+                                       "details": [leak]}}
     if os.environ.get("TRTFLOW_DOUBLE_FAIL_ONLY", req["precision"]) != req["precision"]:
         fail = None
     if fail == "crash":
@@ -105,6 +117,9 @@ def _engine(req: dict) -> dict:
 
 def main(argv) -> int:
     verb, req_path, resp_path = argv[-3:]
+    dump = os.environ.get("TRTFLOW_DOUBLE_ENV_DUMP")
+    if dump:
+        Path(dump).write_text(json.dumps(dict(os.environ)))
     req = json.loads(Path(req_path).read_text())
     if verb == "probe":
         resp = {"ok": True, "env": ENV}

@@ -193,6 +193,19 @@ def test_missing_and_short_external_files(tmp_path):
     assert "too short" in report.errors[0].message
 
 
+@pytest.mark.parametrize("key, value", [("offset", "-16"), ("length", "-1")])
+def test_negative_external_data_offset_or_length_is_rejected(tmp_path, key, value):
+    path = models.save_with_external_location(models.small_cnn(), _pkg(tmp_path), "w.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    entry = next(e for e in model.graph.initializer[0].external_data if e.key == key)
+    entry.value = value  # a reader would seek from the file's end / read the whole file
+    path.write_bytes(model.SerializeToString())
+    report = validate_model(path)
+    assert report.codes() == ["external_data_bad_entry"]
+    assert "negative" in report.errors[0].message and value in report.errors[0].message
+    assert "'w1'" in report.errors[0].message
+
+
 def test_dotdot_is_rejected_even_inside_a_wider_package_root(tmp_path):
     # "..": rejected outright, even where it would land inside the package root (no path tricks).
     path = models.save_with_external_location(models.small_cnn(), tmp_path / "pkg" / "onnx" / "model.onnx",
