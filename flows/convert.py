@@ -10,6 +10,7 @@ errors never: they end in a status record that says how to fix the model or its 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -28,8 +29,9 @@ from prefect.logging import get_run_logger
 from flows.build import DEPLOYMENT_SETTING, BuildRequest, build_engine
 from flows.params import ConvertRequest
 from flows.workers import Target, target_for_validation
-from tasks import accuracy, engine as engine_stage, precision_inputs, publish
+from tasks import accuracy, adapt, engine as engine_stage, precision_inputs, publish, strategy
 from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable, retry_condition
+from tasks.fixes import fix_for_accuracy_failure
 from tasks.gpu_client import GpuEnv
 from tasks.metrics import gate as accuracy_gate
 from tasks.package import EngineAddress, LocalPackage, ModelPackage, fetch_package, open_model, parse_model_uri, \
@@ -70,6 +72,22 @@ def validate(package: LocalPackage, spec: ModelSpec, target: Target):
                          fix=" ".join(e.fix for e in report.errors if e.fix) or None,
                          details=[e.__dict__ if hasattr(e, "__dict__") else str(e) for e in report.errors])
     return report
+
+
+@task(name="adapt", **STAGE)
+def adapt_model(package: LocalPackage, spec: ModelSpec, report, target: Target, workdir: Path) -> adapt.AdaptResult:
+    """The model as the target's parser reads it (IR lowered, opset converted, shared dims renamed
+    apart, sanitised), with every rewrite recorded; the original when nothing was needed."""
+    result = adapt.adapt_for_target(package.model_path, Path(workdir) / "adapted", target.policy(), report.profiles,
+                                    sanitise_mode=spec.adapt.sanitise)
+    for record in result.records:
+        get_run_logger().info("adapt %s: %s -> %s (%s)%s", record.name, record.before, record.after, record.why,
+                              "" if record.applied else " [not applied]")
+    return result
+
+
+def _adaptation_notes(result: adapt.AdaptResult) -> List[str]:
+    return [f"adapted for TensorRT: {r.name} {r.before} → {r.after} ({r.why})" for r in result.records if r.applied]
 
 
 def _flow_run_id() -> Optional[str]:
@@ -182,6 +200,18 @@ class Conversion:
     ort: Optional[dict] = None
     notes: List[str] = field(default_factory=list)
     rows: List[dict] = field(default_factory=list)
+    adaptation: Optional[adapt.AdaptResult] = None
+
+    @property
+    def build_package(self) -> LocalPackage:
+        """The package with the adapted model: what the precision graphs and the build start from
+        (the reference outputs and the model's sha stay the original's)."""
+        if self.adaptation is None or self.adaptation.path == self.package.model_path:
+            return self.package
+        return dataclasses.replace(self.package, model_path=self.adaptation.path)
+
+    def adaptations(self) -> List[dict]:
+        return [r.to_dict() for r in (self.adaptation.records if self.adaptation else [])]
 
     @property
     def name(self) -> str:
@@ -284,7 +314,7 @@ def engine_via_gpu_pool(conv: Conversion, precision: str, prepared: precision_in
 def convert_precision(conv: Conversion, precision: str) -> PrecisionResult:
     """Prepare, build (GPU pool), and gate one precision."""
     try:
-        prepared = prepare_precision(conv.storage, conv.target, conv.spec, conv.package, precision,
+        prepared = prepare_precision(conv.storage, conv.target, conv.spec, conv.build_package, precision,
                                      conv.report.profiles, conv.workdir)
         outcome, gpu_env = engine_via_gpu_pool(conv, precision, prepared)
     except TrtflowError as err:
@@ -315,6 +345,7 @@ def publish_precision(conv: Conversion, address: EngineAddress, r: PrecisionResu
         build_options=conv.spec.build.model_dump(mode="json"), flow_run_id=conv.run_id, spec_key=address.spec_key,
         layers=r.layers, timing_cache=r.outcome.response.get("timing_cache"))
     manifest["eval"] = {"synthetic": conv.eval_set.synthetic, "samples": conv.eval_set.samples}
+    manifest.setdefault("model", {})["adaptations"] = conv.adaptations()
     return publish.publish_engine(conv.storage, address, r.precision, files=r.outcome.files, manifest=manifest)
 
 
@@ -323,14 +354,27 @@ def _validation_record(conv: Conversion) -> dict:
 
 
 def _no_engine_error(name: str, results: Dict[str, PrecisionResult]) -> TrtflowError:
+    """Why nothing was published: each failed build's own fix, and the accuracy advice (loosen the
+    tolerances...) only for precisions whose engine built and missed its gate."""
     infra = [r for r in results.values() if (r.error or {}).get("kind") == "infra"]
     error_type = InfraError if infra and len(infra) == len(results) else ModelError
-    fixes = list(dict.fromkeys((r.error or {}).get("fix") for r in results.values() if (r.error or {}).get("fix")))
+    fixes = [(r.error or {}).get("fix") for r in results.values() if (r.error or {}).get("fix")]
+    fixes += [fix_for_accuracy_failure(p, (r.gate or {}).get("failures") or ()).fix
+              for p, r in results.items() if r.result == "failed-gate"]
+    fixes = list(dict.fromkeys(fixes))
     return error_type(f"{name}: no precision passed its accuracy gate or built: "
                       + "; ".join(r.summary() for r in results.values()),
-                      fix=" ".join(fixes) or "Loosen the tolerances for a precision, add fp32 to precisions, or fix "
-                                             "the error named.",
+                      fix=" ".join(fixes) or "Fix the error named in each precision's result (see build.log).",
                       details=[{p: r.to_dict() for p, r in results.items()}])
+
+
+def choose_latest(conv: Conversion, results: Dict[str, PrecisionResult]) -> strategy.Choice:
+    """The spec's strategy over the built precisions (preference order): what to publish, which is latest, why."""
+    outcomes = [strategy.PrecisionOutcome(p, r.passed, (r.bench or {}).get("throughput_per_s"))
+                for p, r in results.items()]
+    choice = strategy.choose(conv.spec.strategy, outcomes)
+    conv.notes.append(f"strategy {conv.spec.strategy}: {choice.reason}")
+    return choice
 
 
 @dataclass
@@ -350,13 +394,16 @@ def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) ->
         raise _no_engine_error(conv.name, results)
     env = passing[0].gpu_env
     address = EngineAddress(conv.name, conv.sha, env.target, conv.spec.build_key())
-    published = [publish_precision(conv, address, r) for r in passing]
-    best = published[0]  # preference order of spec.precisions
+    choice = choose_latest(conv, results)
+    published = [publish_precision(conv, address, results[p]) for p in choice.publish]
+    best = next(p for p in published if p.precision == choice.latest)
     engines = {p.precision: p.engine_key for p in published}
     conversion = {"name": conv.name, "model_sha256": conv.sha, "target": env.target, "spec_key": address.spec_key,
                   "flow_run_id": conv.run_id, "precisions": {p: r.to_dict() for p, r in results.items()},
                   "engines": engines, "validated_for": conv.target.to_dict(),
-                  "latest": {"precision": best.precision, "engine": best.engine_key, "manifest": best.manifest_key},
+                  "latest": {"precision": best.precision, "engine": best.engine_key, "manifest": best.manifest_key,
+                             "reason": choice.reason},
+                  "strategy": conv.spec.strategy, "adaptations": conv.adaptations(),
                   "notes": conv.notes, "gpu": env.to_dict()}
     conv_key = publish.write_conversion(conv.storage, address, conversion)
     latest = publish.write_latest(conv.storage, address, best, conversion=conv_key, flow_run_id=conv.run_id)
@@ -476,7 +523,14 @@ def convert_model(request: ConvertRequest) -> dict:
         report = validate(package, spec, target)
         conv = Conversion(storage, package, spec, report, target, workdir, run_id)
         stage = "engines"
-        return cached_summary(conv, request.force) or convert_engines(conv)
+        cached = cached_summary(conv, request.force)
+        if cached:
+            return cached
+        stage = "adapt"
+        conv.adaptation = adapt_model(package, spec, report, target, workdir)
+        conv.notes.extend(_adaptation_notes(conv.adaptation))
+        stage = "engines"
+        return convert_engines(conv)
     except Exception as err:  # KeyboardInterrupt / cancellation pass: nothing to record
         _record_failure(storage, pkg.name, sha, stage, err, run_id)
         raise
