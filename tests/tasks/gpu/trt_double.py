@@ -363,6 +363,25 @@ class _ParserError10(ParserError):
         return self._op
 
 
+PLUGIN_BACKED_OPS = ("InstanceNormalization",)
+
+
+class _PluginRegistry:
+    """What init_libnvinfer_plugins did in this process (the real registry is process-wide too)."""
+
+    def __init__(self) -> None:
+        self.registered, self.calls = False, []
+
+
+PLUGINS = _PluginRegistry()
+
+
+def init_libnvinfer_plugins(logger: Any, namespace: str) -> bool:
+    PLUGINS.registered = True
+    PLUGINS.calls.append(namespace)
+    return True
+
+
 class OnnxParser:
     def __init__(self, network: INetworkDefinition, logger: ILogger) -> None:
         self.network, self.logger, self.errors = network, logger, []
@@ -377,7 +396,10 @@ class OnnxParser:
     def parse_from_file(self, path: str) -> bool:
         model = onnx.load(path)
         for index, node in enumerate(model.graph.node):
-            if not onnx.defs.has(node.op_type, node.domain or ""):
+            # The real 8.6 parser imports InstanceNormalization through the InstanceNormalization_TRT
+            # plugin, found only once init_libnvinfer_plugins registered TensorRT's plugins.
+            needs_plugin = node.op_type in PLUGIN_BACKED_OPS and not PLUGINS.registered
+            if needs_plugin or not onnx.defs.has(node.op_type, node.domain or ""):
                 kind = ParserError if SHAPE.major < 10 else _ParserError10  # 8.6 reports the node index only
                 self.errors.append(kind(f"In node {index} (importFallbackPluginImporter): UNSUPPORTED_NODE: "
                                         f"Assertion failed: creator && \"Plugin not found\"", index, node.name, node.op_type))
@@ -392,6 +414,13 @@ class OnnxParser:
             self.network.inputs.append(ITensor(vi.name, shape, _onnx_to_trt(t.elem_type)))
         self.network.onnx_path = str(path)
         return True
+
+
+class IProgressMonitor:
+    """10.x: the builder calls phase_start/step_complete/phase_finish on config.progress_monitor."""
+
+    def __init__(self) -> None:
+        pass
 
 
 class IOptimizationProfile:
@@ -547,6 +576,13 @@ class Builder:
             calibrated = _calibrate(self.logger, network, calib)
             if calibrated is None:
                 return None
+        monitor = config.__dict__.get("progress_monitor")
+        if monitor is not None:  # 10.x: the phases a real build reports, top level then nested
+            monitor.phase_start("Building engine", None, 2)
+            monitor.phase_start("Timing tactics", "Building engine", 3)
+            monitor.step_complete("Timing tactics", 0)
+            monitor.phase_finish("Timing tactics")
+            monitor.phase_finish("Building engine")
         shapes = [{n: s for n, s in p.shapes.items()} for p in config.profiles]
         if config.timing_cache is not None:
             config.timing_cache.entries.add(f"{Path(network.onnx_path).name}:{sorted(int(f) for f in config.flags_set)}")
@@ -760,6 +796,10 @@ def _tensorrt(version: str) -> types.ModuleType:
     if major < 10:
         m.DataType = enum.IntEnum("DataType", "FLOAT HALF INT8 INT32 BOOL UINT8 FP8", start=0)
     m.nptype = nptype
+    m.init_libnvinfer_plugins = init_libnvinfer_plugins
+    PLUGINS.registered, PLUGINS.calls = False, []  # a fresh process per install
+    if major >= 10:
+        m.IProgressMonitor = IProgressMonitor
     if major < 11:
         m.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
     return m
