@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from tasks.errors import InfraError, ModelError
-from tasks.fixes import fix_for_build_failure, fix_for_parser_details
+from tasks.fixes import PARSER_REJECTED, fix_for_build_failure, fix_for_parser_details
 from tasks.gpu import compat
 from tasks.shapes import default_batch_range
 
@@ -393,7 +393,7 @@ def _parse(trt: Any, builder: Any, logger: Any, caps: compat.Caps, plan: compat.
         else:
             where = "the model level (no node)"
         matched = fix_for_parser_details(errors, list(logger.errors), caps.version)
-        raise ModelError(f"TensorRT {caps.version}'s ONNX parser rejected the model at {where}: {first.get('desc')} "
+        raise ModelError(f"TensorRT {caps.version}'s {PARSER_REJECTED} the model at {where}: {first.get('desc')} "
                          f"(limit: {matched.limit})", fix=matched.fix,
                          details=([_describe_parser_error(e) for e in errors] or list(logger.errors))
                          + [{"fix": matched.to_dict()}])

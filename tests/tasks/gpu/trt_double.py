@@ -406,6 +406,8 @@ class OnnxParser:
                 self.logger.log(_Severity.ERROR, f"ModelImporter: failed to import node {index}")
                 return False
         init = {i.name for i in model.graph.initializer}
+        if not self._constant_slice_axes(model, init):
+            return False
         for vi in model.graph.input:
             if vi.name in init:
                 continue
@@ -413,6 +415,20 @@ class OnnxParser:
             shape = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
             self.network.inputs.append(ITensor(vi.name, shape, _onnx_to_trt(t.elem_type)))
         self.network.onnx_path = str(path)
+        return True
+
+    def _constant_slice_axes(self, model: onnx.ModelProto, init: set) -> bool:
+        """Before 10.3 the Slice importer needs axes (input 3) as an initializer or Constant output."""
+        if SHAPE.major >= 10:
+            return True
+        constants = init | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        for index, node in enumerate(model.graph.node):
+            if node.op_type == "Slice" and len(node.input) > 3 and node.input[3] and node.input[3] not in constants:
+                self.errors.append(ParserError(f"In node {index} (importSlice): UNSUPPORTED_NODE: Assertion failed: "
+                                               f"This version of TensorRT does not support dynamic axes.", index,
+                                               node.name, node.op_type))
+                self.logger.log(_Severity.ERROR, f"ModelImporter: failed to import node {index}")
+                return False
         return True
 
 
