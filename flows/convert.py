@@ -31,7 +31,7 @@ from flows.params import ConvertRequest
 from flows.workers import Target, target_for_validation
 from tasks import accuracy, adapt, engine as engine_stage, precision_inputs, publish, strategy
 from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable, retry_condition
-from tasks.fixes import fix_for_accuracy_failure
+from tasks.fixes import PARSER_REJECTED, fix_for_accuracy_failure
 from tasks.gpu_client import GpuEnv
 from tasks.metrics import gate as accuracy_gate
 from tasks.package import EngineAddress, LocalPackage, ModelPackage, fetch_package, open_model, parse_model_uri, \
@@ -75,11 +75,13 @@ def validate(package: LocalPackage, spec: ModelSpec, target: Target):
 
 
 @task(name="adapt", **STAGE)
-def adapt_model(package: LocalPackage, spec: ModelSpec, report, target: Target, workdir: Path) -> adapt.AdaptResult:
+def adapt_model(package: LocalPackage, spec: ModelSpec, report, target: Target, workdir: Path,
+                sanitise_mode: Optional[str] = None) -> adapt.AdaptResult:
     """The model as the target's parser reads it (IR lowered, opset converted, shared dims renamed
     apart, sanitised), with every rewrite recorded; the original when nothing was needed."""
-    result = adapt.adapt_for_target(package.model_path, Path(workdir) / "adapted", target.policy(), report.profiles,
-                                    sanitise_mode=spec.adapt.sanitise)
+    mode = sanitise_mode or spec.adapt.sanitise
+    result = adapt.adapt_for_target(package.model_path, Path(workdir) / f"adapted-{mode}", target.policy(),
+                                    report.profiles, sanitise_mode=mode)
     for record in result.records:
         get_run_logger().info("adapt %s: %s -> %s (%s)%s", record.name, record.before, record.after, record.why,
                               "" if record.applied else " [not applied]")
@@ -88,6 +90,22 @@ def adapt_model(package: LocalPackage, spec: ModelSpec, report, target: Target, 
 
 def _adaptation_notes(result: adapt.AdaptResult) -> List[str]:
     return [f"adapted for TensorRT: {r.name} {r.before} → {r.after} ({r.why})" for r in result.records if r.applied]
+
+
+def sanitise_after_parser_failure(conv: "Conversion", result: "PrecisionResult") -> bool:
+    """Whether the parser rejected the adapted model and a sanitised one (constant folding, cleanup,
+    shape inference) is now what the builds start from: spec adapt.sanitise 'on-failure', once."""
+    message = (result.error or {}).get("message") or ""
+    done = any(r.name == "sanitise" and r.applied for r in (conv.adaptation.records if conv.adaptation else []))
+    if result.result != "failed" or PARSER_REJECTED not in message or done or conv.spec.adapt.sanitise != "on-failure":
+        return False
+    adapted = adapt_model(conv.package, conv.spec, conv.report, conv.target, conv.workdir, sanitise_mode="always")
+    if not any(r.name == "sanitise" and r.applied for r in adapted.records):
+        return False  # sanitising changed nothing (or failed, recorded in its why): the error stands
+    conv.adaptation = adapted
+    conv.notes.append(f"{result.precision}: the parser rejected the model ({message[:120]}); retried sanitised")
+    conv.notes.extend(_adaptation_notes(adapted))
+    return True
 
 
 def _flow_run_id() -> Optional[str]:
@@ -462,6 +480,9 @@ def convert_engines(conv: Conversion) -> dict:
     try:
         for i, precision in enumerate(precisions):
             results[precision] = convert_precision(conv, precision)
+            if sanitise_after_parser_failure(conv, results[precision]):
+                conv.rows.pop()  # the refused build's row; the retry writes its own
+                results[precision] = convert_precision(conv, precision)
             update_progress_artifact(progress, (i + 1) / len(precisions) * 100)
             if results[precision].passed and conv.spec.strategy == "fallback":
                 break

@@ -318,3 +318,61 @@ def test_build_engine_rechecks_on_its_own_tensorrt(prefect_harness, gpu_double, 
     status = store.read_json(status_key("op18", sha256_file(root / "models" / "op18.onnx")))
     assert status["status"] == "failed" and "TensorRT 8.6.1" in status["error"]["message"]
     assert not list(store.list("_trtflow/work/")), "the work prefix is removed on failure too"
+
+
+WILD_YAML = "precisions: [fp32]\nprofiles:\n  - x: {min: [1, 8], opt: [4, 16], max: [8, 32]}\n"
+
+
+def _wild_package(root: Path, yaml_text: str = WILD_YAML) -> Path:
+    package = root / "models" / "wild"
+    models.save(models.wild_export_model(), package / "model.onnx")
+    (package / "trtflow.yaml").write_text(yaml_text)
+    return package
+
+
+def test_a_wild_export_converts_for_86_with_every_adaptation_in_its_manifest(prefect_harness, gpu_double, tmp_path,
+                                                                             monkeypatch):
+    """IR 10 + batch and width sharing '?' with different ranges + a Slice with computed axes: the
+    8.6-playing GPU double refuses each of them (tests/doubles/gpu_double.py _parser_refusal)."""
+    root = _opset18_bucket(tmp_path / "bucket", "8.6.1")
+    package = _wild_package(root)
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
+    summary = _convert(package)
+    assert summary["status"] == "published", summary
+    store = LocalStorage(root)
+    conversion = store.read_json(store.read_json(latest_key("wild"))["conversion"])
+    manifest = store.read_json(conversion["latest"]["manifest"])
+    applied = {a["name"]: a for a in manifest["model"]["adaptations"] if a["applied"]}
+    assert set(applied) == {"lower_ir", "split_shared_dims", "sanitise"}, applied
+    assert applied["lower_ir"]["before"] == "IR 10" and applied["lower_ir"]["after"] == "IR 8"
+    assert "dyn_slice" in applied["sanitise"]["why"]
+    assert conversion["adaptations"] == manifest["model"]["adaptations"]
+    assert manifest["model"]["sha256"] == sha256_file(package / "model.onnx")
+
+
+def test_without_adaptation_the_86_double_refuses_the_wild_export(prefect_harness, gpu_double, tmp_path, monkeypatch):
+    """The double does refuse what adapt rewrites: with sanitise 'never' the Slice stays and the
+    failure carries the Slice fix, naming the node and the version that lifts the limit."""
+    root = _opset18_bucket(tmp_path / "bucket", "8.6.1")
+    package = _wild_package(root, WILD_YAML + "adapt: {sanitise: never}\n")
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
+    with pytest.raises(ModelError) as err:
+        _convert(package)
+    assert "'dyn_slice'" in err.value.fix and "TensorRT 10.3 lifts" in err.value.fix
+    assert "tolerances" not in err.value.fix.lower()
+
+
+def test_a_parser_refusal_is_retried_sanitised_when_adapt_did_not_foresee_it(prefect_harness, gpu_double, tmp_path,
+                                                                             monkeypatch):
+    from tasks import adapt
+
+    root = _opset18_bucket(tmp_path / "bucket", "8.6.1")
+    package = _wild_package(root)
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
+    monkeypatch.setattr(adapt, "dynamic_slices", lambda model: [])  # a pattern the up-front check misses
+    summary = _convert(package)
+    assert summary["status"] == "published"
+    store = LocalStorage(root)
+    conversion = store.read_json(store.read_json(latest_key("wild"))["conversion"])
+    assert any("the parser rejected the model" in n and "retried sanitised" in n for n in conversion["notes"])
+    assert any(a["name"] == "sanitise" and a["applied"] for a in conversion["adaptations"])
