@@ -371,7 +371,7 @@ def _validation_record(conv: Conversion) -> dict:
     return dict(conv.report.to_dict(), target=conv.target.to_dict())
 
 
-def _no_engine_error(name: str, results: Dict[str, PrecisionResult]) -> TrtflowError:
+def _no_engine_error(name: str, results: Dict[str, PrecisionResult], adaptations: List[dict]) -> TrtflowError:
     """Why nothing was published: each failed build's own fix, and the accuracy advice (loosen the
     tolerances...) only for precisions whose engine built and missed its gate."""
     infra = [r for r in results.values() if (r.error or {}).get("kind") == "infra"]
@@ -383,7 +383,7 @@ def _no_engine_error(name: str, results: Dict[str, PrecisionResult]) -> TrtflowE
     return error_type(f"{name}: no precision passed its accuracy gate or built: "
                       + "; ".join(r.summary() for r in results.values()),
                       fix=" ".join(fixes) or "Fix the error named in each precision's result (see build.log).",
-                      details=[{p: r.to_dict() for p, r in results.items()}])
+                      details=[{p: r.to_dict() for p, r in results.items()}, {"adaptations": adaptations}])
 
 
 def choose_latest(conv: Conversion, results: Dict[str, PrecisionResult]) -> strategy.Choice:
@@ -409,7 +409,7 @@ def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) ->
     """Publish every passing engine, then the conversion record and latest.json (last)."""
     passing = [r for r in results.values() if r.passed]
     if not passing:
-        raise _no_engine_error(conv.name, results)
+        raise _no_engine_error(conv.name, results, conv.adaptations())
     env = passing[0].gpu_env
     address = EngineAddress(conv.name, conv.sha, env.target, conv.spec.build_key())
     choice = choose_latest(conv, results)

@@ -360,6 +360,9 @@ def test_without_adaptation_the_86_double_refuses_the_wild_export(prefect_harnes
         _convert(package)
     assert "'dyn_slice'" in err.value.fix and "TensorRT 10.3 lifts" in err.value.fix
     assert "tolerances" not in err.value.fix.lower()
+    status = LocalStorage(root).read_json(status_key("wild", sha256_file(package / "model.onnx")))
+    recorded = {a["name"] for a in status["error"]["details"][1]["adaptations"] if a["applied"]}
+    assert recorded == {"lower_ir", "split_shared_dims"}  # what was rewritten before the refusal
 
 
 def test_a_parser_refusal_is_retried_sanitised_when_adapt_did_not_foresee_it(prefect_harness, gpu_double, tmp_path,
