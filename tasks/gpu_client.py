@@ -29,7 +29,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # A build may run for minutes (ResNet-50 INT8 calibrated: 182 s on an H200) with TensorRT silent:
 # the parent says how long and in which phase at least this often.
 HEARTBEAT_S = 20.0
-log = logging.getLogger("trtflow.gpu_client")
+logger = logging.getLogger("trtflow.gpu_client")
 
 
 def trt_python() -> str:
@@ -158,7 +158,7 @@ def run_gpu(verb: str, request: dict, workdir: Path, timeout_s: float, log_name:
         except OSError as err:
             raise InfraError(f"cannot start the GPU interpreter {interpreter!r}: {err}.",
                              fix="Set TRT_PYTHON to a Python that has tensorrt and pycuda installed.") from None
-        rc = _wait(proc, verb, log_path, timeout_s, on_progress or log.info, heartbeat_s)
+        rc = _wait(proc, verb, log_path, timeout_s, on_progress or logger.info, heartbeat_s)
     seconds = time.monotonic() - start
     response = None
     if resp_path.exists():
