@@ -379,10 +379,12 @@ def _plan(caps: compat.Caps, request: Dict[str, Any]) -> compat.BuildPlan:
 
 
 def _parse(trt: Any, builder: Any, logger: Any, caps: compat.Caps, plan: compat.BuildPlan,
-           onnx_path: Path) -> Tuple[Any, Any]:
+           onnx_path: Path, parser_flags: Sequence[str] = ()) -> Tuple[Any, Any]:
     """(network, parser): the parser must live as long as the network it filled."""
     network = builder.create_network(compat.network_flags_value(trt, plan.network_flags))
     parser = trt.OnnxParser(network, logger)
+    for name in parser_flags:
+        parser.set_flag(getattr(trt.OnnxParserFlag, name))
     # parse_from_file (not parse(bytes)) so weights in external data files resolve beside the model.
     if not parser.parse_from_file(str(onnx_path)):
         names, ops = onnx_node_table(str(onnx_path))
@@ -502,7 +504,8 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
     compat.register_plugins(trt, logger)  # before parsing: plugin ops and InstanceNormalization import
     report_phase(f"parse {onnx_path.name}")
     builder = create_builder(trt, logger)
-    network, parser = _parse(trt, builder, logger, caps, plan, onnx_path)
+    network, parser = _parse(trt, builder, logger, caps, plan, onnx_path, compat.parser_flags(
+        trt, request.get("hardware_compatibility"), bool(request.get("version_compatible"))))
     parse_seconds = time.monotonic() - started
     inputs, profiles, dynamic = _network_profiles(network, request)
     config, flags, trt_profiles = _configure(trt, builder, logger, caps, plan, request, profiles, dynamic)

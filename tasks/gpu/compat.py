@@ -637,6 +637,18 @@ def register_plugins(trt: Any, logger: Any) -> bool:
     return bool(init(logger, ""))
 
 
+def parser_flags(trt: Any, hardware_compatibility: Optional[str], version_compatible: bool) -> List[str]:
+    """OnnxParserFlag names to set. TensorRT 8.6 imports InstanceNormalization through its
+    InstanceNormalization_TRT plugin unless NATIVE_INSTANCENORM is set, and a hardware- or
+    version-compatible engine cannot carry that plugin: those builds need the native layer.
+    TensorRT 10 sets the flag by default; a version without the enum has nothing to set."""
+    flags = getattr(trt, "OnnxParserFlag", None)
+    compatible = bool(version_compatible) or (hardware_compatibility or "none") != "none"
+    if flags is None or not hasattr(flags, "NATIVE_INSTANCENORM") or not compatible:
+        return []
+    return ["NATIVE_INSTANCENORM"]
+
+
 def progress_monitor_available(trt: Any) -> bool:
     """TensorRT 10 added IProgressMonitor (IBuilderConfig.progress_monitor); 8.6 builds in silence."""
     return hasattr(trt, "IProgressMonitor")

@@ -283,16 +283,18 @@ def test_parser_error_names_the_onnx_node(tmp_path):
     assert "'mystery_node'" in (err.value.fix or "") and "tolerances" not in (err.value.fix or "")
 
 
-def test_instance_norm_builds_with_tensorrts_plugins_registered(tmp_path):
+@pytest.mark.parametrize("compat_kw", [{}, {"hardware_compatibility": "ampere_plus"}], ids=["plain", "ampere_plus"])
+def test_instance_norm_builds_with_tensorrts_plugins_registered(tmp_path, compat_kw):
     """8.6 imports InstanceNormalization through InstanceNormalization_TRT: init_libnvinfer_plugins
-    must have run before parsing (tasks/gpu/compat.register_plugins)."""
+    must have run before parsing (tasks/gpu/compat.register_plugins); a hardware-compatible build
+    takes the native layer instead (compat.parser_flags: NATIVE_INSTANCENORM)."""
     from tests.models import instance_norm_model
 
     path = save(instance_norm_model(), tmp_path / "inorm.onnx")
     inputs = eval_inputs(tmp_path / "in.npz", [2], lambda n: {"x": np.random.default_rng(0).standard_normal(
         (n, 4, 8, 8)).astype(np.float32)})
-    resp = engine(engine_request(path, tmp_path / "e", eval={"inputs": str(inputs), "outputs": str(tmp_path / "o.npz")}),
-                  tmp_path)
+    resp = engine(engine_request(path, tmp_path / "e", eval={"inputs": str(inputs), "outputs": str(tmp_path / "o.npz")},
+                                 **compat_kw), tmp_path)
     got, want = np.load(resp["eval"]["outputs"]), reference(path, inputs)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-3)

@@ -82,3 +82,32 @@ def test_build_reports_phases_and_trt10_adds_the_builders_own(monkeypatch, tmp_p
     assert bool(builder) == monitored
     if monitored:  # the top-level phase always; the nested one is throttled but the first one shows
         assert builder[0].endswith("build: Building engine (2 steps)")
+
+
+@pytest.mark.parametrize("compat_kw", [{"hardware_compatibility": "ampere_plus"}, {"version_compatible": True}])
+def test_instance_norm_builds_hardware_or_version_compatible_on_86_with_the_native_layer(monkeypatch, tmp_path,
+                                                                                        compat_kw):
+    trt_double.install(monkeypatch, version=TRT86)
+    path = save(instance_norm_model(), tmp_path / "model.onnx")
+    built = gpu_build.build_engine(_request(path, tmp_path / "engine", **compat_kw))
+    assert built.response["engine"]["bytes"] > 0
+    assert trt_double.PLUGINS.parser_flags == ["NATIVE_INSTANCENORM"]
+
+
+def test_without_the_native_flag_a_compatible_86_build_fails_on_the_plugin(monkeypatch, tmp_path):
+    monkeypatch.setattr(compat, "parser_flags", lambda trt, hw, vc: [])
+    with pytest.raises(ModelError, match="plugin layers"):
+        trt_double.install(monkeypatch, version=TRT86)
+        path = save(instance_norm_model(), tmp_path / "model.onnx")
+        gpu_build.build_engine(_request(path, tmp_path / "engine", hardware_compatibility="ampere_plus"))
+
+
+def test_parser_flags_only_for_compatible_builds_where_the_enum_has_the_flag():
+    class WithFlag:
+        class OnnxParserFlag:
+            NATIVE_INSTANCENORM = 0
+
+    assert compat.parser_flags(WithFlag, "none", False) == []
+    assert compat.parser_flags(WithFlag, "ampere_plus", False) == ["NATIVE_INSTANCENORM"]
+    assert compat.parser_flags(WithFlag, None, True) == ["NATIVE_INSTANCENORM"]
+    assert compat.parser_flags(object(), "ampere_plus", True) == []

@@ -321,6 +321,7 @@ class INetworkDefinition:
         self.strongly_typed = strongly_typed
         self.inputs: List[ITensor] = []
         self.onnx_path: Optional[str] = None
+        self.plugin_layers: List[str] = []  # nodes imported as plugins (InstanceNormalization_TRT on 8.6)
 
     @property
     def num_inputs(self) -> int:
@@ -370,7 +371,7 @@ class _PluginRegistry:
     """What init_libnvinfer_plugins did in this process (the real registry is process-wide too)."""
 
     def __init__(self) -> None:
-        self.registered, self.calls = False, []
+        self.registered, self.calls, self.parser_flags = False, [], []
 
 
 PLUGINS = _PluginRegistry()
@@ -382,9 +383,18 @@ def init_libnvinfer_plugins(logger: Any, namespace: str) -> bool:
     return True
 
 
+OnnxParserFlag = enum.IntEnum("OnnxParserFlag", "NATIVE_INSTANCENORM", start=0)  # 8.6 and 10.x
+
+
 class OnnxParser:
     def __init__(self, network: INetworkDefinition, logger: ILogger) -> None:
         self.network, self.logger, self.errors = network, logger, []
+        # 10.x parses InstanceNormalization natively by default; 8.6 through the plugin
+        self.flags = {OnnxParserFlag.NATIVE_INSTANCENORM} if SHAPE.major >= 10 else set()
+
+    def set_flag(self, flag: "OnnxParserFlag") -> None:
+        self.flags.add(flag)
+        PLUGINS.parser_flags.append(flag.name)
 
     @property
     def num_errors(self) -> int:
@@ -398,7 +408,10 @@ class OnnxParser:
         for index, node in enumerate(model.graph.node):
             # The real 8.6 parser imports InstanceNormalization through the InstanceNormalization_TRT
             # plugin, found only once init_libnvinfer_plugins registered TensorRT's plugins.
-            needs_plugin = node.op_type in PLUGIN_BACKED_OPS and not PLUGINS.registered
+            native = OnnxParserFlag.NATIVE_INSTANCENORM in self.flags
+            needs_plugin = node.op_type in PLUGIN_BACKED_OPS and not native and not PLUGINS.registered
+            if node.op_type in PLUGIN_BACKED_OPS and not native:
+                self.network.plugin_layers.append(node.name)
             if needs_plugin or not onnx.defs.has(node.op_type, node.domain or ""):
                 kind = ParserError if SHAPE.major < 10 else _ParserError10  # 8.6 reports the node index only
                 self.errors.append(kind(f"In node {index} (importFallbackPluginImporter): UNSUPPORTED_NODE: "
@@ -581,6 +594,11 @@ class Builder:
             self.logger.log(_Severity.ERROR, "Network has dynamic or shape inputs, but no optimization profile has been defined.")
             return None
         flags = [f.name for f in config.flags_set]
+        compatible = "VERSION_COMPATIBLE" in flags or int(config.hardware_compatibility_level) != 0
+        if compatible and network.plugin_layers:  # the plugin's code cannot travel in such a plan
+            self.logger.log(_Severity.ERROR, f"{network.plugin_layers[0]}: plugin layers are not supported in "
+                                             "hardware- or version-compatible engines")
+            return None
         calib = config.__dict__.get("int8_calibrator")
         if network.strongly_typed and ({"FP16", "INT8"} & set(flags) or calib is not None):
             # 10.x: a strongly typed network takes its types from the graph; precision flags are an error.
@@ -813,7 +831,8 @@ def _tensorrt(version: str) -> types.ModuleType:
         m.DataType = enum.IntEnum("DataType", "FLOAT HALF INT8 INT32 BOOL UINT8 FP8", start=0)
     m.nptype = nptype
     m.init_libnvinfer_plugins = init_libnvinfer_plugins
-    PLUGINS.registered, PLUGINS.calls = False, []  # a fresh process per install
+    PLUGINS.registered, PLUGINS.calls, PLUGINS.parser_flags = False, [], []  # a fresh process per install
+    m.OnnxParserFlag = OnnxParserFlag
     if major >= 10:
         m.IProgressMonitor = IProgressMonitor
     if major < 11:
