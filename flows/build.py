@@ -67,7 +67,8 @@ def _build(storage, inputs: BuildInputs, env: GpuEnv, workdir: Path):
         return engine_from_onnx(
             storage, env=env, spec=ModelSpec(**job.spec), onnx_path=inputs.onnx_path, precision=job.precision,
             profiles=job.profiles, workdir=workdir, eval_inputs=inputs.eval_inputs, int8_mode=job.int8_mode,
-            graph_precision=job.graph_precision, calibration=inputs.calibration, model_url=job.model_url)
+            graph_precision=job.graph_precision, calibration=inputs.calibration, model_url=job.model_url,
+            progress=get_run_logger().info)  # the heartbeat lands in this run's logs
 
 
 @flow(name=FLOW_NAME, flow_run_name="{request.name}-{request.precision}", log_prints=False)

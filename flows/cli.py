@@ -163,7 +163,7 @@ def quiet_prefect(verbose: bool) -> None:
 def convert(model: str = typer.Argument(..., help="<bucket>/models/<name>[.onnx], s3://bucket/models/<name>.onnx"),
             precision: Optional[List[str]] = typer.Option(None, "--precision", "-p",
                                                           help="fp32, fp16 or int8; repeat for a fallback order"),
-            strategy: Optional[str] = typer.Option(None, help="fallback (stop at first pass) or all"),
+            strategy: Optional[str] = typer.Option(None, help="fallback (stop at first pass), all, or best (fastest passing is latest)"),
             force: bool = typer.Option(False, help="rebuild even if this engine exists"),
             output_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
             verbose: bool = typer.Option(False, "-v", "--verbose", help="Prefect's logs and tracebacks")) -> None:

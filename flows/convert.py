@@ -10,6 +10,7 @@ errors never: they end in a status record that says how to fix the model or its 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -31,8 +32,9 @@ from flows.build import DEPLOYMENT_SETTING, BuildRequest, build_engine
 from flows.gpu_slot import ensure_gpu_limit
 from flows.params import ConvertRequest
 from flows.workers import Target, target_for_validation
-from tasks import accuracy, engine as engine_stage, precision_inputs, publish
+from tasks import accuracy, adapt, engine as engine_stage, precision_inputs, publish, strategy
 from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable, retry_condition
+from tasks.fixes import PARSER_REJECTED, fix_for_accuracy_failure
 from tasks.gpu_client import GpuEnv
 from tasks.limits import run_limited
 from tasks.secrets import scrub
@@ -76,6 +78,40 @@ def validate(package: LocalPackage, spec: ModelSpec, target: Target):
                          fix=" ".join(e.fix for e in report.errors if e.fix) or None,
                          details=[e.__dict__ if hasattr(e, "__dict__") else str(e) for e in report.errors])
     return report
+
+
+@task(name="adapt", **STAGE)
+def adapt_model(package: LocalPackage, spec: ModelSpec, report, target: Target, workdir: Path,
+                sanitise_mode: Optional[str] = None) -> adapt.AdaptResult:
+    """The model as the target's parser reads it (IR lowered, opset converted, shared dims renamed
+    apart, sanitised), with every rewrite recorded; the original when nothing was needed."""
+    mode = sanitise_mode or spec.adapt.sanitise
+    result = adapt.adapt_for_target(package.model_path, Path(workdir) / f"adapted-{mode}", target.policy(),
+                                    report.profiles, sanitise_mode=mode)
+    for record in result.records:
+        get_run_logger().info("adapt %s: %s -> %s (%s)%s", record.name, record.before, record.after, record.why,
+                              "" if record.applied else " [not applied]")
+    return result
+
+
+def _adaptation_notes(result: adapt.AdaptResult) -> List[str]:
+    return [f"adapted for TensorRT: {r.name} {r.before} → {r.after} ({r.why})" for r in result.records if r.applied]
+
+
+def sanitise_after_parser_failure(conv: "Conversion", result: "PrecisionResult") -> bool:
+    """Whether the parser rejected the adapted model and a sanitised one (constant folding, cleanup,
+    shape inference) is now what the builds start from: spec adapt.sanitise 'on-failure', once."""
+    message = (result.error or {}).get("message") or ""
+    done = any(r.name == "sanitise" and r.applied for r in (conv.adaptation.records if conv.adaptation else []))
+    if result.result != "failed" or PARSER_REJECTED not in message or done or conv.spec.adapt.sanitise != "on-failure":
+        return False
+    adapted = adapt_model(conv.package, conv.spec, conv.report, conv.target, conv.workdir, sanitise_mode="always")
+    if not any(r.name == "sanitise" and r.applied for r in adapted.records):
+        return False  # sanitising changed nothing (or failed, recorded in its why): the error stands
+    conv.adaptation = adapted
+    conv.notes.append(f"{result.precision}: the parser rejected the model ({message[:120]}); retried sanitised")
+    conv.notes.extend(_adaptation_notes(adapted))
+    return True
 
 
 def _flow_run_id() -> Optional[str]:
@@ -187,6 +223,18 @@ class Conversion:
     ort: Optional[dict] = None
     notes: List[str] = field(default_factory=list)
     rows: List[dict] = field(default_factory=list)
+    adaptation: Optional[adapt.AdaptResult] = None
+
+    @property
+    def build_package(self) -> LocalPackage:
+        """The package with the adapted model: what the precision graphs and the build start from
+        (the reference outputs and the model's sha stay the original's)."""
+        if self.adaptation is None or self.adaptation.path == self.package.model_path:
+            return self.package
+        return dataclasses.replace(self.package, model_path=self.adaptation.path)
+
+    def adaptations(self) -> List[dict]:
+        return [r.to_dict() for r in (self.adaptation.records if self.adaptation else [])]
 
     @property
     def name(self) -> str:
@@ -314,7 +362,7 @@ def engine_via_gpu_pool(conv: Conversion, precision: str, prepared: precision_in
 def convert_precision(conv: Conversion, precision: str) -> PrecisionResult:
     """Prepare, build (GPU pool), and gate one precision."""
     try:
-        prepared = prepare_precision(conv.storage, conv.target, conv.spec, conv.package, precision,
+        prepared = prepare_precision(conv.storage, conv.target, conv.spec, conv.build_package, precision,
                                      conv.report.profiles, conv.workdir)
         prepared.record["onnx_sha256"] = sha256_file(prepared.onnx_path)  # what the engine was built from
         outcome, gpu_env = engine_via_gpu_pool(conv, precision, prepared)
@@ -347,6 +395,7 @@ def publish_precision(conv: Conversion, address: EngineAddress, r: PrecisionResu
         layers=r.layers, timing_cache=r.outcome.response.get("timing_cache"))
     manifest["eval"] = {"synthetic": conv.eval_set.synthetic, "samples": conv.eval_set.samples}
     manifest["package"] = conv.package.identity.to_dict()  # every file of the package by sha256
+    manifest.setdefault("model", {})["adaptations"] = conv.adaptations()
     return publish.publish_engine(conv.storage, address, r.precision, files=r.outcome.files, manifest=manifest)
 
 
@@ -354,15 +403,28 @@ def _validation_record(conv: Conversion) -> dict:
     return dict(conv.report.to_dict(), target=conv.target.to_dict())
 
 
-def _no_engine_error(name: str, results: Dict[str, PrecisionResult]) -> TrtflowError:
+def _no_engine_error(name: str, results: Dict[str, PrecisionResult], adaptations: List[dict]) -> TrtflowError:
+    """Why nothing was published: each failed build's own fix, and the accuracy advice (loosen the
+    tolerances...) only for precisions whose engine built and missed its gate."""
     infra = [r for r in results.values() if (r.error or {}).get("kind") == "infra"]
     error_type = InfraError if infra and len(infra) == len(results) else ModelError
-    fixes = list(dict.fromkeys((r.error or {}).get("fix") for r in results.values() if (r.error or {}).get("fix")))
+    fixes = [(r.error or {}).get("fix") for r in results.values() if (r.error or {}).get("fix")]
+    fixes += [fix_for_accuracy_failure(p, (r.gate or {}).get("failures") or ()).fix
+              for p, r in results.items() if r.result == "failed-gate"]
+    fixes = list(dict.fromkeys(fixes))
     return error_type(f"{name}: no precision passed its accuracy gate or built: "
                       + "; ".join(r.summary() for r in results.values()),
-                      fix=" ".join(fixes) or "Loosen the tolerances for a precision, add fp32 to precisions, or fix "
-                                             "the error named.",
-                      details=[{p: r.to_dict() for p, r in results.items()}])
+                      fix=" ".join(fixes) or "Fix the error named in each precision's result (see build.log).",
+                      details=[{p: r.to_dict() for p, r in results.items()}, {"adaptations": adaptations}])
+
+
+def choose_latest(conv: Conversion, results: Dict[str, PrecisionResult]) -> strategy.Choice:
+    """The spec's strategy over the built precisions (preference order): what to publish, which is latest, why."""
+    outcomes = [strategy.PrecisionOutcome(p, r.passed, (r.bench or {}).get("throughput_per_s"))
+                for p, r in results.items()]
+    choice = strategy.choose(conv.spec.strategy, outcomes)
+    conv.notes.append(f"strategy {conv.spec.strategy}: {choice.reason}")
+    return choice
 
 
 @dataclass
@@ -379,16 +441,19 @@ def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) ->
     """Publish every passing engine, then the conversion record and latest.json (last)."""
     passing = [r for r in results.values() if r.passed]
     if not passing:
-        raise _no_engine_error(conv.name, results)
+        raise _no_engine_error(conv.name, results, conv.adaptations())
     env = passing[0].gpu_env
     address = conv.address(env.target)
-    published = [publish_precision(conv, address, r) for r in passing]
-    best = published[0]  # preference order of spec.precisions
+    choice = choose_latest(conv, results)
+    published = [publish_precision(conv, address, results[p]) for p in choice.publish]
+    best = next(p for p in published if p.precision == choice.latest)
     engines = {p.precision: p.engine_key for p in published}
     conversion = {"name": conv.name, "model_sha256": conv.sha, "target": env.target, "spec_key": address.spec_key,
                   "flow_run_id": conv.run_id, "precisions": {p: r.to_dict() for p, r in results.items()},
                   "engines": engines, "validated_for": conv.target.to_dict(),
-                  "latest": {"precision": best.precision, "engine": best.engine_key, "manifest": best.manifest_key},
+                  "latest": {"precision": best.precision, "engine": best.engine_key, "manifest": best.manifest_key,
+                             "reason": choice.reason},
+                  "strategy": conv.spec.strategy, "adaptations": conv.adaptations(),
                   "notes": conv.notes, "gpu": env.to_dict(), "package": conv.package.identity.to_dict()}
     conversion["crashed"] = publish.crashed_precisions(conversion)  # the next run builds these again
     conv_key = publish.write_conversion(conv.storage, address, conversion)
@@ -467,6 +532,9 @@ def convert_engines(conv: Conversion) -> dict:
     try:
         for i, precision in enumerate(precisions):
             results[precision] = convert_precision(conv, precision)
+            if sanitise_after_parser_failure(conv, results[precision]):
+                conv.rows.pop()  # the refused build's row; the retry writes its own
+                results[precision] = convert_precision(conv, precision)
             update_progress_artifact(progress, (i + 1) / len(precisions) * 100)
             if results[precision].passed and conv.spec.strategy == "fallback":
                 break
@@ -482,7 +550,12 @@ def convert_once(conv: Conversion, force: bool) -> dict:
     version at a time however it was started; a second run waits, then (unless forced) hits the cache."""
     get_run_logger().info("%s: taking the conversion lock of package %s", conv.name, conv.package.package_sha256[:12])
     with package_lock(conv.name, "convert", conv.package.package_sha256):
-        return cached_summary(conv, force) or convert_engines(conv)
+        cached = cached_summary(conv, force)
+        if cached:
+            return cached
+        conv.adaptation = adapt_model(conv.package, conv.spec, conv.report, conv.target, conv.workdir)
+        conv.notes.extend(_adaptation_notes(conv.adaptation))
+        return convert_engines(conv)
 
 
 def _run_name() -> str:

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from tasks.errors import InfraError, TrtflowError
 from tasks.secrets import scrub
@@ -141,8 +141,10 @@ def calibrator_cache(storage: Storage, *, name: str, model_sha: str, data_sha: s
 def engine_from_onnx(storage: Storage, *, env: GpuEnv, spec: ModelSpec, onnx_path: Path, precision: str,
                      profiles: List[dict], workdir: Path, eval_inputs: Optional[Path] = None,
                      int8_mode: Optional[str] = None, graph_precision: str = "fp32",
-                     calibration: Optional[dict] = None, model_url: str = "") -> EngineOutcome:
-    """Build one engine in the GPU subprocess (plus eval run and benchmark) and sync the caches."""
+                     calibration: Optional[dict] = None, model_url: str = "",
+                     progress: Optional[Callable[[str], None]] = None) -> EngineOutcome:
+    """Build one engine in the GPU subprocess (plus eval run and benchmark) and sync the caches;
+    ``progress`` gets the build's heartbeat lines (elapsed, phase)."""
     from tasks.publish import reproduce_script
 
     out_dir = Path(workdir) / f"engine-{precision}"
@@ -155,7 +157,7 @@ def engine_from_onnx(storage: Storage, *, env: GpuEnv, spec: ModelSpec, onnx_pat
     request = engine_request(onnx_path=onnx_path, out_dir=out_dir, precision=precision, spec=spec, profiles=profiles,
                              int8_mode=int8_mode, graph_precision=graph_precision, eval_inputs=eval_inputs,
                              calibration=calibration, timing_cache_in=cache_in, timing_cache_out=cache_out)
-    call = run_gpu("engine", request, out_dir, spec.build.timeout_s)
+    call = run_gpu("engine", request, out_dir, spec.build.timeout_s, on_progress=progress)
     if cache_out is not None and cache_out.exists():
         store_timing_cache(storage, env, cache_out, cache_etag, out_dir, spec.build.timeout_s)
     if calibration and calibration.get("cache_key") and Path(calibration["cache_out"]).exists() \

@@ -17,6 +17,8 @@ from typing import Any, Dict, Iterable, Optional, Pattern, Sequence, Tuple, Unio
 PARSER = "parser"
 BUILDER = "builder"
 ACCURACY = "accuracy"
+# Every parser refusal's message holds this (tasks/gpu/build.py): the flow retries those sanitised.
+PARSER_REJECTED = "ONNX parser rejected"
 
 
 @dataclass(frozen=True)

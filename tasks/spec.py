@@ -161,6 +161,15 @@ class Build(_Strict):
     default_opt_batch: int = Field(8, ge=1, le=65_536)
 
 
+class Adapt(_Strict):
+    """Rewrites before the build (tasks/adapt.py): IR lowering, opset conversion and dim renaming run
+    whenever the target needs them; sanitise (constant folding) as chosen here."""
+
+    sanitise: Literal["on-failure", "always", "never"] = Field(
+        "on-failure", description="on-failure: fold constants only where the parser is known to reject the "
+                                  "original (a Slice with computed inputs); always; never")
+
+
 class Bench(_Strict):
     """How engines are timed (tasks/gpu/bench.py; docs/benchmarks.md explains the method)."""
 
@@ -201,8 +210,11 @@ class ModelSpec(_Strict):
     precisions: List[Precision] = Field(
         default_factory=lambda: [Precision.INT8, Precision.FP16, Precision.FP32],
         description="preference order; see strategy")
-    strategy: Literal["fallback", "all"] = Field(
-        "fallback", description="fallback: stop at the first precision that passes its gate; all: build every one")
+    strategy: Literal["fallback", "all", "best"] = Field(
+        "fallback", description="fallback: stop at the first precision that passes its gate; all: build every one; "
+                                "best: build every one, publish those that pass, latest = the fastest passing one "
+                                "(tasks/strategy.py)")
+    adapt: Adapt = Field(default_factory=lambda: Adapt())
     profiles: List[Profile] = Field(default_factory=list, description="optimisation profiles, input name -> min/opt/max")
     tolerances: Dict[Precision, Tolerance] = Field(default_factory=dict, description="overrides of DEFAULT_TOLERANCES")
     calibration: Calibration = Field(default_factory=Calibration)

@@ -290,4 +290,84 @@ def endless_loop_model(trip_count: int = 10**12, width: int = 4) -> onnx.ModelPr
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
         [_init("trips", np.array([trip_count], np.int64)), _init("cond", np.array([True]))],
     )
+
+
+def wild_export_model(width: int = 8, ir_version: int = 10) -> onnx.ModelProto:
+    """The graph shapes real exports hit at once: IR ``ir_version`` at opset 17 (today's onnx
+    writes 10), x float32 [?, ?] whose batch and width share the dim_param '?' (a profile gives
+    them different ranges), and a Slice with computed axes (dynamic_axes_slice_model)."""
+    model = dynamic_axes_slice_model(width)
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        dims[0].dim_param = "?"
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_param = "?"
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "w_out"
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def instance_norm_model(channels: int = 4, size: int = 8) -> onnx.ModelProto:
+    """x float32 [N, C, H, W] -> InstanceNormalization -> Relu: TensorRT 8.6 imports it through its
+    InstanceNormalization_TRT plugin (registered by init_libnvinfer_plugins)."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("InstanceNormalization", ["x", "scale", "bias"], ["n"], name="inorm", epsilon=1e-5),
+             helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    graph = helper.make_graph(
+        nodes, "instance_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, size, size])],
+        [_init("scale", rng.uniform(0.5, 1.5, channels).astype(np.float32)),
+         _init("bias", rng.normal(0, 0.1, channels).astype(np.float32))])
+    return _model(graph)
+
+
+def _conv_silu(prefix: str, src: str, cin: int, cout: int, rng: np.random.Generator, inits: list,
+               stride: int = 1) -> tuple:
+    """Conv -> Sigmoid -> Mul (SiLU, as torch exports nn.SiLU at opset 17): (nodes, output name)."""
+    w = rng.normal(0, 0.3, (cout, cin, 3, 3)).astype(np.float32)
+    b = rng.normal(0, 0.05, (cout,)).astype(np.float32)
+    inits += [_init(f"{prefix}.w", w), _init(f"{prefix}.b", b)]
+    nodes = [helper.make_node("Conv", [src, f"{prefix}.w", f"{prefix}.b"], [f"{prefix}.c"], name=f"{prefix}.conv",
+                              pads=[1, 1, 1, 1], strides=[stride, stride]),
+             helper.make_node("Sigmoid", [f"{prefix}.c"], [f"{prefix}.s"], name=f"{prefix}.sigmoid"),
+             helper.make_node("Mul", [f"{prefix}.c", f"{prefix}.s"], [f"{prefix}.y"], name=f"{prefix}.mul")]
+    return nodes, f"{prefix}.y"
+
+
+def silu_detector(size: int = 16, channels: int = 8, boxes: int = 4) -> onnx.ModelProto:
+    """A YOLO-style detector in miniature: images [N,3,S,S] -> Conv-SiLU stem -> Split into two
+    halves, one through a Conv-SiLU and a residual Add, Concat back -> head Conv -> box decoder
+    (Reshape -> Softmax over the distribution bins -> Concat with the class scores) -> out [N, A, 4*boxes+2]."""
+    rng = np.random.default_rng(11)
+    inits: list = []
+    half = channels // 2
+    stem, s = _conv_silu("stem", "images", 3, channels, rng, inits, stride=2)
+    block, b = _conv_silu("block", "split.b", half, half, rng, inits)
+    head_c = 4 * boxes + 2
+    wh = rng.normal(0, 0.3, (head_c, channels, 1, 1)).astype(np.float32)
+    inits += [_init("head.w", wh), _init("split.sizes", np.array([half, half], np.int64)),
+              _init("box.shape", np.array([0, 4, boxes, -1], np.int64)),
+              _init("cls.shape", np.array([0, 2, -1], np.int64)), _init("box.flat", np.array([0, 4 * boxes, -1], np.int64))]
+    nodes = stem + [helper.make_node("Split", [s, "split.sizes"], ["split.a", "split.b"], name="csp.split", axis=1)]
+    nodes += block + [
+        helper.make_node("Add", ["split.b", b], ["block.res"], name="block.add"),
+        helper.make_node("Concat", ["split.a", "block.res"], ["csp.cat"], name="csp.concat", axis=1),
+        helper.make_node("Conv", ["csp.cat", "head.w"], ["head.out"], name="head.conv"),
+        helper.make_node("Slice", ["head.out", "dec.zero", "dec.boxend", "dec.axis"], ["box.raw"], name="dec.slice_box"),
+        helper.make_node("Slice", ["head.out", "dec.boxend", "dec.end", "dec.axis"], ["cls.raw"], name="dec.slice_cls"),
+        helper.make_node("Reshape", ["box.raw", "box.shape"], ["box.bins"], name="dec.reshape_box"),
+        helper.make_node("Softmax", ["box.bins"], ["box.prob"], name="dec.softmax", axis=2),
+        helper.make_node("Reshape", ["box.prob", "box.flat"], ["box.out"], name="dec.reshape_flat"),
+        helper.make_node("Reshape", ["cls.raw", "cls.shape"], ["cls.flat"], name="dec.reshape_cls"),
+        helper.make_node("Sigmoid", ["cls.flat"], ["cls.out"], name="dec.sigmoid"),
+        helper.make_node("Concat", ["box.out", "cls.out"], ["out"], name="dec.concat", axis=1),
+    ]
+    inits += [_init("dec.zero", np.array([0], np.int64)), _init("dec.boxend", np.array([4 * boxes], np.int64)),
+              _init("dec.end", np.array([head_c], np.int64)), _init("dec.axis", np.array([1], np.int64))]
+    graph = helper.make_graph(
+        nodes, "silu_detector",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", head_c, (size // 2) ** 2])], inits)
     return _model(graph)

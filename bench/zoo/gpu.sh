@@ -6,14 +6,17 @@
 #   bash bench/zoo/gpu.sh check  [--only a,b]      # CPU: validate + adapt + ORT on eval data
 #   bash bench/zoo/gpu.sh convert [--only a,b]     # repeat until every model has a line; skips done ones
 #   bash bench/zoo/gpu.sh table
+#   bash bench/zoo/gpu.sh all --jobs 6 --budget 560   # ONE call: export what is missing, convert N at
+#       once until the budget is spent, write $OUT/zoo-table.md + $OUT/zoo-results.jsonl; run it again
+#       to continue where it stopped (done models are skipped; $ZOO lives in the ignored .zoo/).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/tmp/prefect-home PYTHONUNBUFFERED=1
 export TRT_PYTHON=${TRT_PYTHON:-/opt/trt/bin/trt-python}
 export PYTHONPATH=/opt/py312:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
-ZOO=${ZOO:-/tmp/zoo}
-step=${1:?step: export | check | convert | table}; shift
+ZOO=${ZOO:-$PWD/.zoo}
+step=${1:?step: all | export | check | convert | table}; shift
 case "$step" in
   export)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -29,6 +32,27 @@ case "$step" in
     ;;
   table)
     python3 bench/zoo/run_zoo.py table --bucket "$ZOO" --out "$OUT/zoo-table.md"
+    ;;
+  all)
+    jobs=6; budget=560; rest=()
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --jobs) jobs=$2; shift 2 ;;
+        --budget) budget=$2; shift 2 ;;
+        *) rest+=("$1"); shift ;;
+      esac
+    done
+    start=$SECONDS
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+    # export: at most a third of the budget; what it does not finish, the next call exports
+    timeout $((budget / 3)) python3 bench/zoo/export_zoo.py --bucket "$ZOO" --jobs 4 2>&1 \
+      | grep -E '^\{' | cut -c1-300 | tee -a "$OUT/zoo-export.txt"
+    left=$((budget - (SECONDS - start) - 20))
+    echo "export done after $((SECONDS - start)) s; converting for $left s with $jobs jobs"
+    timeout $((left + 15)) python3 bench/zoo/run_zoo.py convert --bucket "$ZOO" --budget "$left" --jobs "$jobs" \
+      "${rest[@]}" 2>&1 | grep -E '^\{' | cut -c1-300
+    python3 bench/zoo/run_zoo.py table --bucket "$ZOO" --out "$OUT/zoo-table.md" | tail -4
+    cp "$ZOO/_zoo/results.jsonl" "$OUT/zoo-results.jsonl"
     ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

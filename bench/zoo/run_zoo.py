@@ -9,7 +9,10 @@ On the GPU machine, from the repository root, after bench/zoo/export_zoo.py fill
     python3 bench/zoo/run_zoo.py table --jsonl a.jsonl b.jsonl --out docs/zoo-table.md   # later, anywhere
 
 Each conversion runs as its own process group with a per-model timeout and within a global time
-budget (a model that does not fit is skipped and recorded as skipped). Each result is appended as
+budget (a model that does not fit is skipped and recorded as skipped). ``--jobs N`` runs N at once,
+each with its own PREFECT_HOME and so its own temporary Prefect server: one shared server would
+hold one gpu-<id> slot (flows/gpu_slot.py) and serialise the builds. Throughputs measured that way
+share the GPU with the other builds; the table says so. Each result is appended as
 one JSON line to <bucket>/_zoo/results.jsonl and $OUT/zoo-results.jsonl the moment it is known,
 so a machine taken away mid-run loses only the model in flight. Models already in the bucket's
 results are skipped on a rerun (--redo converts them again).
@@ -24,10 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -76,8 +83,11 @@ def collect(bucket: Path, name: str) -> Dict[str, Any]:
     if latest and latest.get("conversion"):
         conv = _read(bucket / latest["conversion"]) or {}
         results = conv.get("precisions") or {}
-        out["adapt"] = conv.get("adapt")
+        out["adapt"] = conv.get("adaptations") or conv.get("adapt")
         out["notes"] = conv.get("notes")
+        gpu = conv.get("gpu") or {}
+        out["gpu"], out["tensorrt"] = gpu.get("gpu"), gpu.get("tensorrt")
+        out["latest_reason"] = (conv.get("latest") or {}).get("reason")
         for p, r in results.items():
             if r.get("result") == "passed":
                 key = (conv.get("engines") or {}).get(p, "").rsplit("/", 1)[0] + "/manifest.json"
@@ -117,13 +127,17 @@ def m_type(vi) -> str:
     return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
 
 
+_APPEND_LOCK = threading.Lock()  # --jobs: whole lines, one writer at a time
+
+
 def _append(record: dict, files: Iterable[Path]) -> None:
     line = json.dumps(record, default=str)
-    print(line, flush=True)
-    for f in files:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        with open(f, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+    with _APPEND_LOCK:
+        print(line, flush=True)
+        for f in files:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            with open(f, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
 
 
 def _done(results_file: Path) -> set:
@@ -133,7 +147,7 @@ def _done(results_file: Path) -> set:
     out = set()
     for line in results_file.read_text().splitlines():
         rec = json.loads(line) if line.strip() else {}
-        if rec and not rec.get("skipped"):
+        if rec and not rec.get("skipped") and not rec.get("budget_cut"):  # those run again next call
             out.add((rec["model"], ",".join(rec.get("precisions_tried") or [])))
     return out
 
@@ -150,12 +164,29 @@ def registry_order(names: List[str]) -> List[str]:
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
+def _own_server_env(home: Path) -> Dict[str, str]:
+    """This conversion's environment: its own PREFECT_HOME (database, temporary server) and no
+    PREFECT_API_URL, so parallel conversions never share a server or its gpu-<id> slot."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), TRTFLOW_HOME=str(home / "trtflow"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
 def convert_one(bucket: Path, pkg: Path, precisions: List[str], timeout: float, log_dir: Optional[Path]) -> dict:
     cmd = [sys.executable, "-m", "flows.cli", "convert", str(pkg)]
     for p in precisions:
         cmd += ["-p", p]
     cmd += ["--strategy", "all", "--json", "--force"]
-    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
+    home = Path(tempfile.mkdtemp(prefix=f"zoo-prefect-{pkg.name}-"))
+    try:
+        return _convert_in(bucket, pkg, precisions, timeout, log_dir, cmd, _own_server_env(home))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _convert_in(bucket: Path, pkg: Path, precisions: List[str], timeout: float, log_dir: Optional[Path],
+                cmd: List[str], env: Dict[str, str]) -> dict:
     t0 = time.monotonic()
     log = (log_dir / f"{pkg.name}.log") if log_dir else Path(os.devnull)
     with open(log, "w", encoding="utf-8") as fh:
@@ -177,7 +208,7 @@ def convert_one(bucket: Path, pkg: Path, precisions: List[str], timeout: float, 
     except Exception as err:  # noqa: BLE001 - a record we cannot read must not stop the zoo
         record = {"model": pkg.name, "precisions": [], "error": f"could not read the results: {err!r}"}
     record.update({"wall_s": round(time.monotonic() - t0, 1), "rc": rc, "timed_out": timed_out,
-                   "precisions_tried": precisions, "inputs": _package_inputs(pkg)})
+                   "precisions_tried": precisions, "inputs": _package_inputs(pkg), "build": _build_knobs(pkg)})
     if timed_out:
         record["error"] = f"killed after {timeout:.0f} s (per-model timeout / global budget)"
     if not record["precisions"]:  # failed before any precision was recorded: one row each, same reason
@@ -186,37 +217,68 @@ def convert_one(bucket: Path, pkg: Path, precisions: List[str], timeout: float, 
     return record
 
 
+def _build_knobs(pkg: Path) -> Dict[str, Any]:
+    """The package's build section (optimisation level, workspace, timeout), for the table."""
+    try:
+        spec = yaml.safe_load((pkg / "trtflow.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k: v for k, v in (spec.get("build") or {}).items()
+            if k in ("optimization_level", "workspace_mib", "timeout_s")}
+
+
+def plan_jobs(bucket: Path, args) -> List[tuple]:
+    """(package, precisions) still to convert, in registry order (or --only's)."""
+    results_file = bucket / "_zoo" / "results.jsonl"
+    only = [n for n in args.only.split(",") if n]
+    # a package is complete once export wrote its trtflow.yaml (last); a half-exported one waits
+    by_name = {p.name: p for p in (bucket / "models").iterdir() if (p / "trtflow.yaml").is_file()}
+    pkgs = [by_name[n] for n in registry_order(list(by_name))]
+    if only:
+        missing = [n for n in only if n not in by_name]
+        if missing:
+            raise SystemExit(f"not in {bucket}/models: {missing}")
+        pkgs = [by_name[n] for n in only]  # the order asked for
+    done = set() if args.redo else _done(results_file)
+    todo = []
+    for pkg in pkgs:
+        spec = yaml.safe_load((pkg / "trtflow.yaml").read_text()) or {}
+        wanted = spec.get("precisions") or ["fp16"]
+        # --precisions narrows to those the entry tries (int8 only where the spec names it)
+        precisions = [p for p in args.precisions.split(",") if p in wanted] if args.precisions else wanted
+        if precisions and (pkg.name, ",".join(precisions)) not in done:
+            todo.append((pkg, precisions))
+    return todo
+
+
 def run_convert(args) -> int:
     bucket = args.bucket
     results_file = bucket / "_zoo" / "results.jsonl"
     out_files = [results_file] + ([Path(os.environ["OUT"]) / "zoo-results.jsonl"] if os.environ.get("OUT") else [])
     log_dir = Path(os.environ["OUT"]) / "zoo-logs" if os.environ.get("OUT") else bucket / "_zoo" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    only = [n for n in args.only.split(",") if n]
-    by_name = {p.name: p for p in (bucket / "models").iterdir() if p.is_dir()}
-    pkgs = [by_name[n] for n in registry_order(list(by_name))]
-    if only:
-        by = {p.name: p for p in pkgs}
-        missing = [n for n in only if n not in by]
-        if missing:
-            print(f"not in {bucket}/models: {missing}", file=sys.stderr)
-            return 2
-        pkgs = [by[n] for n in only]  # the order asked for
-    done = set() if args.redo else _done(results_file)
+    try:
+        todo = plan_jobs(bucket, args)
+    except SystemExit as err:
+        print(err, file=sys.stderr)
+        return 2
     deadline = time.monotonic() + args.budget
-    for pkg in pkgs:
-        spec = yaml.safe_load((pkg / "trtflow.yaml").read_text()) or {}
-        wanted = spec.get("precisions") or ["fp16"]
-        # --precisions narrows to those the entry tries (int8 only where the spec names it)
-        precisions = [p for p in args.precisions.split(",") if p in wanted] if args.precisions else wanted
-        if not precisions or (pkg.name, ",".join(precisions)) in done:
-            continue
+
+    def one(job: tuple) -> None:
+        pkg, precisions = job
         left = deadline - time.monotonic()
         if left < args.min_seconds:
             _append({"model": pkg.name, "skipped": f"global budget: {left:.0f} s left of {args.budget:.0f} s "
                                                    f"(needs at least {args.min_seconds:.0f} s)"}, out_files)
-            continue
-        _append(convert_one(bucket, pkg, precisions, min(args.per_model, left), log_dir), out_files)
+            return
+        record = convert_one(bucket, pkg, precisions, min(args.per_model, left), log_dir)
+        record["jobs"] = args.jobs
+        if record.get("timed_out") and left < args.per_model:
+            record["budget_cut"] = True  # the call's budget ran out, not the model's own timeout
+        _append(record, out_files)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(one, todo))
     return 0
 
 
@@ -235,6 +297,24 @@ def _result_text(r: dict) -> str:
     return "failed: " + (r.get("error") or "?")[:160] + fix
 
 
+def table_preamble(records: List[dict]) -> List[str]:
+    """Date, GPU, TensorRT, the build knobs and how many conversions shared the GPU."""
+    def seen(key: str) -> str:
+        values = sorted({str(r.get(key)) for r in records if r.get(key)})
+        return ", ".join(values) or "?"
+
+    knobs = sorted({", ".join(f"{k} {v}" for k, v in sorted((r.get("build") or {}).items()))
+                    for r in records if r.get("build")})
+    jobs = max([int(r.get("jobs") or 1) for r in records] or [1])
+    lines = [f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} on {seen('gpu')}, TensorRT {seen('tensorrt')}; "
+             f"build: {'; '.join(knobs) or 'spec defaults'}.", ""]
+    if jobs > 1:
+        lines += [f"Up to {jobs} conversions ran at once on this one GPU (bench/zoo/run_zoo.py --jobs {jobs}): "
+                  "build seconds and TensorRT throughputs were measured while other zoo builds shared the GPU, "
+                  "so they understate what a GPU of its own gives.", ""]
+    return lines
+
+
 def table(records: List[dict]) -> str:
     latest: Dict[str, dict] = {}
     for rec in records:  # per model and precision, the last line wins (passes may differ in precisions)
@@ -249,7 +329,7 @@ def table(records: List[dict]) -> str:
                                     precisions_tried=sorted(merged))
     head = ("| model | inputs | precision | result | build s | cosine | top-1 | TRT /s | ORT CPU /s | speedup |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
+    lines = table_preamble(list(latest.values())) + [head]
     for name, rec in latest.items():
         if rec.get("skipped"):
             lines.append(f"| {name} | | | skipped: {rec['skipped']} | | | | | | |")
@@ -297,6 +377,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--per-model", type=float, default=420.0, help="seconds for one model's conversion")
     c.add_argument("--min-seconds", type=float, default=45.0, help="do not start a model with less time left")
     c.add_argument("--redo", action="store_true")
+    c.add_argument("--jobs", type=int, default=1, help="conversions at once, each with its own Prefect server")
     t = sub.add_parser("table")
     t.add_argument("--bucket", type=Path, default=Path("/tmp/zoo"))
     t.add_argument("--jsonl", type=Path, nargs="*")

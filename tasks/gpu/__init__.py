@@ -19,6 +19,6 @@ The Python 3.9 rule: TensorRT 8.6's full builder only exists for Python <= 3.9 (
 ../shared/gpu/README.md), so everything here must run on Python 3.9. Every module starts with
 ``from __future__ import annotations``; no ``match``; no ``X | Y`` outside annotations; runtime
 typing uses ``typing.Optional/List/Dict``. Imports are limited to the standard library, numpy,
-onnx, tensorrt, pycuda or cuda-python, and tasks.errors; tensorrt and the CUDA bindings are imported
+onnx, tensorrt, pycuda or cuda-python, tasks.errors, tasks.shapes and tasks.fixes; tensorrt and the CUDA bindings are imported
 inside functions so that compat and the pure helpers import on any CPU machine.
 """

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from tasks.errors import InfraError, ModelError
+from tasks.fixes import PARSER_REJECTED, fix_for_build_failure, fix_for_parser_details
 from tasks.gpu import compat
 from tasks.shapes import default_batch_range
 
@@ -341,7 +342,12 @@ class BuildResult:
     profiles: List[Dict[str, Dict[str, List[int]]]] = field(default_factory=list)
 
 
-def _build_failure(logger: Any, what: str) -> Exception:
+def report_phase(text: str) -> None:
+    """One progress line for the parent's heartbeat (tasks/gpu_client.py reads the newest)."""
+    log.info("%s %s", compat.PHASE_PREFIX, text)
+
+
+def _build_failure(logger: Any, what: str, caps: Optional[compat.Caps] = None, precision: str = "") -> Exception:
     errors = list(getattr(logger, "errors", []))
     text = "\n".join(errors)
     if _OOM.search(text):
@@ -352,10 +358,9 @@ def _build_failure(logger: Any, what: str) -> Exception:
         return InfraError(f"a CUDA error stopped TensorRT while {what}.",
                           fix="Retry (another worker if it repeats); see build.log for the CUDA error.", details=errors[-10:])
     last = errors[-1] if errors else "no error was logged"
-    return ModelError(f"TensorRT failed while {what}: {last}",
-                      fix="See the TensorRT errors in details and build.log: usually a layer or shape this TensorRT "
-                          "version does not support (check the opset, unsupported ops, and the profiles).",
-                      details=errors[-10:])
+    matched = fix_for_build_failure(errors, caps.version if caps else "", precision)
+    return ModelError(f"TensorRT failed while {what}: {last} (limit: {matched.limit})", fix=matched.fix,
+                      details=errors[-10:] + [{"fix": matched.to_dict()}])
 
 
 def _plan(caps: compat.Caps, request: Dict[str, Any]) -> compat.BuildPlan:
@@ -374,10 +379,12 @@ def _plan(caps: compat.Caps, request: Dict[str, Any]) -> compat.BuildPlan:
 
 
 def _parse(trt: Any, builder: Any, logger: Any, caps: compat.Caps, plan: compat.BuildPlan,
-           onnx_path: Path) -> Tuple[Any, Any]:
+           onnx_path: Path, parser_flags: Sequence[str] = ()) -> Tuple[Any, Any]:
     """(network, parser): the parser must live as long as the network it filled."""
     network = builder.create_network(compat.network_flags_value(trt, plan.network_flags))
     parser = trt.OnnxParser(network, logger)
+    for name in parser_flags:
+        parser.set_flag(getattr(trt.OnnxParserFlag, name))
     # parse_from_file (not parse(bytes)) so weights in external data files resolve beside the model.
     if not parser.parse_from_file(str(onnx_path)):
         names, ops = onnx_node_table(str(onnx_path))
@@ -387,11 +394,11 @@ def _parse(trt: Any, builder: Any, logger: Any, caps: compat.Caps, plan: compat.
             where = f"node {first.get('node_name') or '?'!r} ({first.get('node_op') or '?'}, #{first.get('node_index', -1)})"
         else:
             where = "the model level (no node)"
-        raise ModelError(f"TensorRT {caps.version}'s ONNX parser rejected the model at {where}: {first.get('desc')}",
-                         fix="Check the model's opset and ops against TensorRT's ONNX operator support for this "
-                             "version (onnx-tensorrt's operators.md); replace or remove unsupported ops, or export "
-                             "with an older opset.",
-                         details=[_describe_parser_error(e) for e in errors] or list(logger.errors))
+        matched = fix_for_parser_details(errors, list(logger.errors), caps.version)
+        raise ModelError(f"TensorRT {caps.version}'s {PARSER_REJECTED} the model at {where}: {first.get('desc')} "
+                         f"(limit: {matched.limit})", fix=matched.fix,
+                         details=([_describe_parser_error(e) for e in errors] or list(logger.errors))
+                         + [{"fix": matched.to_dict()}])
     return network, parser
 
 
@@ -494,8 +501,11 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.monotonic()
+    compat.register_plugins(trt, logger)  # before parsing: plugin ops and InstanceNormalization import
+    report_phase(f"parse {onnx_path.name}")
     builder = create_builder(trt, logger)
-    network, parser = _parse(trt, builder, logger, caps, plan, onnx_path)
+    network, parser = _parse(trt, builder, logger, caps, plan, onnx_path, compat.parser_flags(
+        trt, request.get("hardware_compatibility"), bool(request.get("version_compatible"))))
     parse_seconds = time.monotonic() - started
     inputs, profiles, dynamic = _network_profiles(network, request)
     config, flags, trt_profiles = _configure(trt, builder, logger, caps, plan, request, profiles, dynamic)
@@ -503,13 +513,15 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
     calibrator = _attach_calibrator(trt, config, request, inputs, profiles, trt_profiles) if plan.use_calibrator else None
 
     log.info("building %s engine of %s (profiles %s)", plan.precision, onnx_path.name, profiles)
+    report_phase(f"build {plan.precision}" + (" (calibrating)" if calibrator is not None else ""))
+    monitor = compat.attach_progress_monitor(trt, config, report_phase)  # TensorRT >= 10: the builder's phases
     t0 = time.monotonic()
     serialized = builder.build_serialized_network(network, config)
     build_seconds = time.monotonic() - t0
     if calibrator is not None and calibrator.error is not None:
         raise calibrator.error
     if serialized is None:
-        raise _build_failure(logger, f"building the {plan.precision} engine")
+        raise _build_failure(logger, f"building the {plan.precision} engine", caps, plan.precision)
     log.info("built in %.1f s", build_seconds)
 
     plan_path = out_dir / "model.plan"
@@ -520,7 +532,7 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
         cache_saved = _write_atomic(Path(str(request["timing_cache_out"])), config.get_timing_cache().serialize())
         log.info("timing cache: loaded %d bytes, saved %d bytes", cache_loaded, cache_saved)
     runtime, engine = _deserialize(trt, logger, request, view)
-    del serialized, view, trt_profiles, parser, network, config, builder  # free builder memory before eval/bench
+    del serialized, view, trt_profiles, parser, network, config, builder, monitor  # free builder memory before eval/bench
 
     response: Dict[str, Any] = {
         "engine": {"path": str(plan_path), "bytes": nbytes, "sha256": sha, "build_seconds": round(build_seconds, 3),

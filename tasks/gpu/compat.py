@@ -617,3 +617,71 @@ def engine_information_json(trt: Any, engine: Any, caps: Caps,
     text = str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     del inspector, context
     return text
+
+
+# ---- plugins and build progress -------------------------------------------------------------------
+
+# The line the GPU child logs when it enters a phase; the parent (tasks/gpu_client.py) reads the
+# newest one for its heartbeat.
+PHASE_PREFIX = "trtflow-phase:"
+
+
+def register_plugins(trt: Any, logger: Any) -> bool:
+    """Register TensorRT's own plugins (InstanceNormalization_TRT, EfficientNMS_TRT, ...) before a
+    parse or deserialize: the ONNX parser falls back to them for ops it has no importer for, and
+    engines built with them (also hardware- or version-compatible ones) only load where they are
+    registered. Every TensorRT since 7 has the call; a module without it gets False."""
+    init = getattr(trt, "init_libnvinfer_plugins", None)
+    if init is None:
+        return False
+    return bool(init(logger, ""))
+
+
+def parser_flags(trt: Any, hardware_compatibility: Optional[str], version_compatible: bool) -> List[str]:
+    """OnnxParserFlag names to set. TensorRT 8.6 imports InstanceNormalization through its
+    InstanceNormalization_TRT plugin unless NATIVE_INSTANCENORM is set, and a hardware- or
+    version-compatible engine cannot carry that plugin: those builds need the native layer.
+    TensorRT 10 sets the flag by default; a version without the enum has nothing to set."""
+    flags = getattr(trt, "OnnxParserFlag", None)
+    compatible = bool(version_compatible) or (hardware_compatibility or "none") != "none"
+    if flags is None or not hasattr(flags, "NATIVE_INSTANCENORM") or not compatible:
+        return []
+    return ["NATIVE_INSTANCENORM"]
+
+
+def progress_monitor_available(trt: Any) -> bool:
+    """TensorRT 10 added IProgressMonitor (IBuilderConfig.progress_monitor); 8.6 builds in silence."""
+    return hasattr(trt, "IProgressMonitor")
+
+
+def attach_progress_monitor(trt: Any, config: Any, report: Any, every_s: float = 5.0) -> Any:
+    """Report the builder's phases (``report(text)``) through IProgressMonitor where the version has
+    one; returns the monitor (keep it alive for the build) or None. Nested phases (one per layer's
+    tactics) come thousands of times, so they are reported at most every ``every_s`` seconds."""
+    if not progress_monitor_available(trt):
+        return None
+    import time as _time
+
+    base = trt.IProgressMonitor
+
+    class _Monitor(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            base.__init__(self)  # pybind11 trampolines need the explicit base init
+            self._last = 0.0
+
+        def phase_start(self, phase_name: str, parent_phase: Optional[str], num_steps: int) -> None:
+            now = _time.monotonic()
+            if parent_phase is None or now - self._last >= every_s:
+                self._last = now
+                where = f"{parent_phase} / " if parent_phase else ""
+                report(f"build: {where}{phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            pass
+
+    monitor = _Monitor()
+    config.progress_monitor = monitor
+    return monitor

@@ -207,6 +207,9 @@ class EngineRunner:
         trt = import_tensorrt()
         cuda_init()
         logger = logger or make_logger(trt)
+        from tasks.gpu.compat import register_plugins
+
+        register_plugins(trt, logger)  # an engine built with TensorRT's plugins loads only where they are registered
         runtime = trt.Runtime(logger)
         if version_compatible and hasattr(runtime, "engine_host_code_allowed"):
             runtime.engine_host_code_allowed = True

@@ -56,11 +56,31 @@ def plan_placement(model: onnx.ModelProto, exclude_nodes: Sequence[str] = (),
     for n in model.graph.node:  # ONNX graphs are topologically sorted
         depth[n.name] = 1 + max((depth.get(producers[i].name, 0) for i in n.input if i in producers), default=0)
 
+    def silu_input(node: Optional[onnx.NodeProto]) -> Optional[str]:
+        """x when ``node`` is the Mul of SiLU (x * Sigmoid(x)) and x feeds nothing else: TensorRT fuses
+        Conv + Sigmoid + Mul into one kernel, so the block's residual Add fuses like Conv -> Add."""
+        if node is None or node.op_type != "Mul" or len(node.input) != 2:
+            return None
+        for x, gate in (node.input, node.input[::-1]):
+            sig = producers.get(gate)
+            if sig is not None and sig.op_type == "Sigmoid" and sig.input[0] == x \
+                    and {c.name for c in consumers.get(x, [])} == {sig.name, node.name}:
+                return x
+        return None
+
     def fused_conv(tensor: str) -> Optional[onnx.NodeProto]:
         """The quantised Conv TensorRT would fuse an Add into, when ``tensor`` is its only use."""
         node = producers.get(tensor)
         if node is not None and node.op_type == "BatchNormalization" and len(consumers.get(tensor, [])) == 1:
             tensor, node = node.input[0], producers.get(node.input[0])  # Conv -> BN -> Add fuses as well
+        x = silu_input(node) if len(consumers.get(tensor, [])) == 1 else None
+        if x is not None:  # Conv [-> BN] -> SiLU -> Add (YOLO bottlenecks)
+            node = producers.get(x)
+            if node is not None and node.op_type == "BatchNormalization":
+                x, node = node.input[0], producers.get(node.input[0])
+            if node is None or node.op_type != "Conv" or node.name not in weighted_set:
+                return None
+            return node
         if node is None or node.op_type != "Conv" or node.name not in weighted_set:
             return None
         if len(consumers.get(tensor, [])) != 1 or tensor in outputs:

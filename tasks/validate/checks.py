@@ -19,26 +19,44 @@ from tasks.validate.reading import _REEXPORT_FIX, _all_tensors, _graphs
 from tasks.validate.report import ValidationReport
 
 def _check_versions(model: onnx.ModelProto, caps: Caps, report: ValidationReport) -> None:
+    """IR or opset newer than the parser: an error only where tasks/adapt.py cannot rewrite it (what
+    convert-model does after validation), else a warning saying what adaptation will do."""
+    from tasks import adapt
+    from tasks.errors import ModelError
+
     trt = report.trt_version
     if model.ir_version > caps.parser_max_ir:
-        report.error(
-            "ir_version_unsupported",
-            f"ONNX IR version {model.ir_version} is newer than TensorRT {trt}'s parser reads "
-            f"(IR <= {caps.parser_max_ir}, ONNX {caps.parser_onnx_release}).",
-            f"Export with an ONNX release <= {caps.parser_onnx_release}, or, when the model uses no newer IR feature, "
-            f"lower the number: m = onnx.load(p); m.ir_version = {caps.parser_max_ir}; onnx.save(m, p).")
+        blockers = [what for ir, what in adapt.ir_features(model) if ir > caps.parser_max_ir]
+        if blockers:
+            report.error(
+                "ir_version_unsupported",
+                f"ONNX IR version {model.ir_version} is newer than TensorRT {trt}'s parser reads "
+                f"(IR <= {caps.parser_max_ir}, ONNX {caps.parser_onnx_release}), and the model uses {blockers[0]}, "
+                f"which needs the newer IR.",
+                f"Export with an ONNX release <= {caps.parser_onnx_release} without {blockers[0].split(' (')[0]}, "
+                f"or target a newer TensorRT.")
+        else:
+            report.warn("ir_version_lowered",
+                        f"ONNX IR version {model.ir_version} is newer than TensorRT {trt}'s parser reads "
+                        f"(IR <= {caps.parser_max_ir}); the model uses no newer IR feature, so the conversion "
+                        f"lowers the number to {caps.parser_max_ir} (recorded in the manifest's model.adaptations).",
+                        f"Nothing to do; to skip the rewrite, export with an ONNX release <= "
+                        f"{caps.parser_onnx_release}.")
     default = report.opsets.get("ai.onnx")
     if default is None:
         report.error("opset_missing", "the model imports no ai.onnx opset; TensorRT parses only standard ONNX operators.",
                      _REEXPORT_FIX)
     elif default > caps.parser_max_opset:
-        report.error(
-            "opset_unsupported",
-            f"ai.onnx opset {default} is newer than TensorRT {trt} supports (opset {caps.parser_min_opset} to "
-            f"{caps.parser_max_opset}).",
-            f"Re-export with opset_version={caps.parser_max_opset} (torch.onnx.export(..., opset_version="
-            f"{caps.parser_max_opset})) or convert it: onnx.version_converter.convert_version(model, {caps.parser_max_opset}); "
-            f"or target a newer TensorRT.")
+        try:
+            adapt.convert_opset(model, caps)  # returns a converted copy; the model here stays as it is
+        except ModelError as err:
+            report.error("opset_unsupported", err.message, err.fix)
+        else:
+            report.warn("opset_converted",
+                        f"ai.onnx opset {default} is newer than TensorRT {trt} supports (opset {caps.parser_min_opset} "
+                        f"to {caps.parser_max_opset}); onnx.version_converter converts it to {caps.parser_max_opset} "
+                        f"before the build (recorded in the manifest's model.adaptations).",
+                        f"Nothing to do; to skip the rewrite, re-export with opset_version={caps.parser_max_opset}.")
     elif default < caps.parser_min_opset:
         report.warn("opset_old", f"ai.onnx opset {default} is older than TensorRT {trt} officially supports "
                     f"(>= {caps.parser_min_opset}); the parser does not guarantee it works.",

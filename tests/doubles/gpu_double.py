@@ -6,7 +6,8 @@ header that says so; its benchmark times onnxruntime on the CPU. Knobs (environm
   TRTFLOW_DOUBLE_FAIL_ONLY=fp16           ... but only builds of that precision
   TRTFLOW_DOUBLE_NONDETERMINISTIC=1       each build's plan differs (as TensorRT's tactic choice can)
   TRTFLOW_DOUBLE_NOISE_<PRECISION>=0.5    add that much relative noise to that precision's outputs
-  TRTFLOW_DOUBLE_TRT_VERSION=10.8.0       the TensorRT version its probe reports (default 0.0.0-double)
+  TRTFLOW_DOUBLE_TRT_VERSION=10.8.0       the TensorRT version its probe reports (default 0.0.0-double);
+                                          8.x also refuses what TensorRT 8.6's parser refuses (_parser_refusal)
   TRTFLOW_DOUBLE_TRACE=<file>             append "<verb> <precision> <start> <end>" lines (concurrency tests)
   TRTFLOW_DOUBLE_BLOCK=<file>             engine: write "<pid>" there, then "build" for 600 s (kill tests)
   TRTFLOW_DOUBLE_ENV_DUMP=<file>          write the environment it was given as JSON (allow-list tests)
@@ -33,9 +34,49 @@ ENV = {"tensorrt": os.environ.get("TRTFLOW_DOUBLE_TRT_VERSION") or "0.0.0-double
                 "engine_inspector": False}}
 
 
+def _parser_refusal(req: dict):
+    """With TRTFLOW_DOUBLE_TRT_VERSION 8.x, what TensorRT 8.6 refuses and trtflow's adapt step must
+    have rewritten: IR > 8, opset > 17, a Slice with computed axes, input dims sharing a dim_param
+    that the profile sizes differently. Returns (message, stage) or None."""
+    import onnx
+
+    if not ENV["tensorrt"].startswith("8."):
+        return None
+    model = onnx.load(req["onnx_path"], load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if model.ir_version > 8:
+        return f"Unsupported model IR version: {model.ir_version}, max supported IR version: 8", ""
+    if opset > 17:
+        return f"opset version {opset} is not supported (max 17)", ""
+    consts = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                          for o in n.output}
+    for n in model.graph.node:
+        if n.op_type == "Slice" and len(n.input) > 3 and n.input[3] and n.input[3] not in consts:
+            return "This version of TensorRT does not support dynamic axes.", n.name
+    for profile in req.get("profiles") or []:
+        for vi in model.graph.input:
+            seen = {}
+            for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+                rng = profile.get(vi.name)
+                if d.dim_param and rng:
+                    sizes = (rng["min"][axis], rng["opt"][axis], rng["max"][axis])
+                    if seen.setdefault(d.dim_param, sizes) != sizes:
+                        return f"{vi.name}: Input dimensions with this name are inconsistent ({d.dim_param})", ""
+    return None
+
+
 def _engine(req: dict) -> dict:
     import onnxruntime as ort
 
+    refusal = _parser_refusal(req)
+    if refusal:
+        from tasks.fixes import fix_for_parser_error
+
+        message, node = refusal
+        fix = fix_for_parser_error(message, node, "Slice" if node else "", ENV["tensorrt"])
+        return {"ok": False, "error": {"kind": "model", "fix": fix.fix, "details": [{"fix": fix.to_dict()}],
+                                       "message": f"TensorRT {ENV['tensorrt']}'s ONNX parser rejected the model "
+                                                  f"at node {node!r}: {message} (double)"}}
     fail = os.environ.get("TRTFLOW_DOUBLE_FAIL")
     block = os.environ.get("TRTFLOW_DOUBLE_BLOCK")
     if block:

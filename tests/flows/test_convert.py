@@ -243,15 +243,51 @@ def test_opset18_passes_validation_for_a_recorded_10x_worker(prefect_harness, gp
     assert manifest["model"]["opsets"]["ai.onnx"] == 18 and manifest["target"]["tensorrt"] == "10.8.0"
 
 
-def test_opset18_is_refused_for_a_recorded_86_worker(prefect_harness, gpu_double, tmp_path, monkeypatch):
+def _gelu_opset20(path: Path) -> Path:
+    """Gelu arrived in opset 20: onnx.version_converter cannot take it down to 17."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], name="gelu")], "gelu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    return models.save(model, path)
+
+
+@pytest.mark.parametrize("opset, ir, rewrites", [(17, 10, ["lower_ir"]), (19, 9, ["convert_opset", "lower_ir"])])
+def test_newer_ir_and_opset_are_adapted_for_a_recorded_86_worker(prefect_harness, gpu_double, tmp_path,
+                                                                   monkeypatch, opset, ir, rewrites):
     root = _opset18_bucket(tmp_path / "bucket", "8.6.1")
+    model = onnx.version_converter.convert_version(models.small_cnn(), opset)
+    model.ir_version = ir
+    models.save(model, root / "models" / "newer.onnx")
     monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
-    with pytest.raises(ModelError, match="opset 18"):
-        _convert(root / "models" / "op18.onnx", precisions=["fp32"])
-    status = LocalStorage(root).read_json(status_key("op18", sha256_file(root / "models" / "op18.onnx")))
+    summary = _convert(root / "models" / "newer.onnx", precisions=["fp32"])
+    assert summary["status"] == "published"
+    store = LocalStorage(root)
+    conversion = store.read_json(store.read_json(latest_key("newer"))["conversion"])
+    manifest = store.read_json(conversion["latest"]["manifest"])
+    adaptations = manifest["model"]["adaptations"]
+    assert [a["name"] for a in adaptations if a["applied"]] == rewrites
+    assert next(a for a in adaptations if a["name"] == "lower_ir")["after"] == "IR 8"
+    if opset > 17:
+        assert next(a for a in adaptations if a["name"] == "convert_opset")["after"] == "opset 17"
+    assert conversion["adaptations"] == adaptations
+    assert any(n.startswith("adapted for TensorRT: lower_ir") for n in conversion["notes"])
+    assert manifest["model"]["sha256"] == sha256_file(root / "models" / "newer.onnx")  # the user's model's sha
+
+
+def test_unconvertible_opset_is_refused_for_a_recorded_86_worker(prefect_harness, gpu_double, tmp_path, monkeypatch):
+    root = _opset18_bucket(tmp_path / "bucket", "8.6.1")
+    path = _gelu_opset20(root / "models" / "gelu.onnx")
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
+    with pytest.raises(ModelError, match="opset 20"):
+        _convert(path, precisions=["fp32"])
+    status = LocalStorage(root).read_json(status_key("gelu", sha256_file(path)))
     assert status["status"] == "failed" and status["stage"] == "validate"
     assert "TensorRT 8.6.1" in status["error"]["message"] and "gpu0-h100" in status["error"]["message"]
-    assert "opset_version=17" in status["error"]["fix"]
+    assert "Gelu" in status["error"]["message"] and "opset_version=17" in status["error"]["fix"]
 
 
 def test_without_a_worker_record_the_setting_names_the_target(prefect_harness, gpu_double, tmp_path, monkeypatch):
@@ -262,7 +298,19 @@ def test_without_a_worker_record_the_setting_names_the_target(prefect_harness, g
     assert _convert(root / "models" / "op18.onnx", precisions=["fp32"])["status"] == "published"
     monkeypatch.setenv("TRTFLOW_TARGET_TRT", "8.6")
     with pytest.raises(ModelError, match=r"TRTFLOW_TARGET_TRT=8\.6"):
-        _convert(root / "models" / "op18.onnx", precisions=["fp32"], force=True)
+        _convert(_gelu_opset20(root / "models" / "gelu.onnx"), precisions=["fp32"])
+
+
+def test_strategy_best_makes_the_fastest_passing_precision_latest(prefect_harness, gpu_double, bucket):
+    summary = _convert(bucket / "models" / "cnn.onnx", precisions=["fp32", "fp16"], strategy="best")
+    assert set(summary["engines"]) == {"fp16", "fp32"}
+    store = LocalStorage(bucket)
+    conversion = store.read_json(store.read_json(latest_key("cnn"))["conversion"])
+    tput = {p: r["bench"]["throughput_per_s"] for p, r in conversion["precisions"].items()}
+    fastest = max(tput, key=tput.get)
+    assert summary["latest"]["precision"] == fastest
+    assert conversion["strategy"] == "best"
+    assert conversion["latest"]["reason"].startswith(f"{fastest} chosen: ")
 
 
 def test_build_engine_rechecks_on_its_own_tensorrt(prefect_harness, gpu_double, tmp_path, monkeypatch):
@@ -275,3 +323,64 @@ def test_build_engine_rechecks_on_its_own_tensorrt(prefect_harness, gpu_double, 
     status = store.read_json(status_key("op18", sha256_file(root / "models" / "op18.onnx")))
     assert status["status"] == "failed" and "TensorRT 8.6.1" in status["error"]["message"]
     assert not list(store.list("_trtflow/work/")), "the work prefix is removed on failure too"
+
+
+WILD_YAML = "precisions: [fp32]\nprofiles:\n  - x: {min: [1, 8], opt: [4, 16], max: [8, 32]}\n"
+
+
+def _wild_package(root: Path, yaml_text: str = WILD_YAML) -> Path:
+    package = root / "models" / "wild"
+    models.save(models.wild_export_model(), package / "model.onnx")
+    (package / "trtflow.yaml").write_text(yaml_text)
+    return package
+
+
+def test_a_wild_export_converts_for_86_with_every_adaptation_in_its_manifest(prefect_harness, gpu_double, tmp_path,
+                                                                             monkeypatch):
+    """IR 10 + batch and width sharing '?' with different ranges + a Slice with computed axes: the
+    8.6-playing GPU double refuses each of them (tests/doubles/gpu_double.py _parser_refusal)."""
+    root = _opset18_bucket(tmp_path / "bucket", "8.6.1")
+    package = _wild_package(root)
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
+    summary = _convert(package)
+    assert summary["status"] == "published", summary
+    store = LocalStorage(root)
+    conversion = store.read_json(store.read_json(latest_key("wild"))["conversion"])
+    manifest = store.read_json(conversion["latest"]["manifest"])
+    applied = {a["name"]: a for a in manifest["model"]["adaptations"] if a["applied"]}
+    assert set(applied) == {"lower_ir", "split_shared_dims", "sanitise"}, applied
+    assert applied["lower_ir"]["before"] == "IR 10" and applied["lower_ir"]["after"] == "IR 8"
+    assert "dyn_slice" in applied["sanitise"]["why"]
+    assert conversion["adaptations"] == manifest["model"]["adaptations"]
+    assert manifest["model"]["sha256"] == sha256_file(package / "model.onnx")
+
+
+def test_without_adaptation_the_86_double_refuses_the_wild_export(prefect_harness, gpu_double, tmp_path, monkeypatch):
+    """The double does refuse what adapt rewrites: with sanitise 'never' the Slice stays and the
+    failure carries the Slice fix, naming the node and the version that lifts the limit."""
+    root = _opset18_bucket(tmp_path / "bucket", "8.6.1")
+    package = _wild_package(root, WILD_YAML + "adapt: {sanitise: never}\n")
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
+    with pytest.raises(ModelError) as err:
+        _convert(package)
+    assert "'dyn_slice'" in err.value.fix and "TensorRT 10.3 lifts" in err.value.fix
+    assert "tolerances" not in err.value.fix.lower()
+    status = LocalStorage(root).read_json(status_key("wild", sha256_file(package / "model.onnx")))
+    recorded = {a["name"] for a in status["error"]["details"][1]["adaptations"] if a["applied"]}
+    assert recorded == {"lower_ir", "split_shared_dims"}  # what was rewritten before the refusal
+
+
+def test_a_parser_refusal_is_retried_sanitised_when_adapt_did_not_foresee_it(prefect_harness, gpu_double, tmp_path,
+                                                                             monkeypatch):
+    from tasks import adapt
+
+    root = _opset18_bucket(tmp_path / "bucket", "8.6.1")
+    package = _wild_package(root)
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRT_VERSION", "8.6.1")
+    monkeypatch.setattr(adapt, "dynamic_slices", lambda model: [])  # a pattern the up-front check misses
+    summary = _convert(package)
+    assert summary["status"] == "published"
+    store = LocalStorage(root)
+    conversion = store.read_json(store.read_json(latest_key("wild"))["conversion"])
+    assert any("the parser rejected the model" in n and "retried sanitised" in n for n in conversion["notes"])
+    assert any(a["name"] == "sanitise" and a["applied"] for a in conversion["adaptations"])

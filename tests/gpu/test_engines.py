@@ -281,9 +281,39 @@ def test_parser_error_names_the_onnx_node(tmp_path):
     with pytest.raises(ModelError) as err:
         engine(engine_request(tmp_path / "bad.onnx", tmp_path / "e"), tmp_path)
     print(f"\nparser: {err.value.message}\n  details: {err.value.details}")
-    text = err.value.message + " ".join(err.value.details)
+    text = err.value.message + " ".join(str(d) for d in err.value.details)
     assert "mystery_node" in text and "NotAnOp" in text
-    assert "opset" in (err.value.fix or "")
+    assert "'mystery_node'" in (err.value.fix or "") and "tolerances" not in (err.value.fix or "")
+
+
+@pytest.mark.parametrize("compat_kw", [{}, {"hardware_compatibility": "ampere_plus"}], ids=["plain", "ampere_plus"])
+def test_instance_norm_builds_with_tensorrts_plugins_registered(tmp_path, compat_kw):
+    """8.6 imports InstanceNormalization through InstanceNormalization_TRT: init_libnvinfer_plugins
+    must have run before parsing (tasks/gpu/compat.register_plugins); a hardware-compatible build
+    takes the native layer instead (compat.parser_flags: NATIVE_INSTANCENORM)."""
+    from tests.models import instance_norm_model
+
+    path = save(instance_norm_model(), tmp_path / "inorm.onnx")
+    inputs = eval_inputs(tmp_path / "in.npz", [2], lambda n: {"x": np.random.default_rng(0).standard_normal(
+        (n, 4, 8, 8)).astype(np.float32)})
+    resp = engine(engine_request(path, tmp_path / "e", eval={"inputs": str(inputs), "outputs": str(tmp_path / "o.npz")},
+                                 **compat_kw), tmp_path)
+    got, want = np.load(resp["eval"]["outputs"]), reference(path, inputs)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-3)
+
+
+def test_the_build_log_holds_phase_lines_for_the_heartbeat(tmp_path):
+    from tasks.gpu.compat import PHASE_PREFIX
+    from tasks.gpu_client import last_phase
+
+    beats: List[str] = []
+    call = run_gpu("engine", engine_request(save(small_cnn(), tmp_path / "m.onnx"), tmp_path / "e"), tmp_path,
+                   TIMEOUT_S, on_progress=beats.append, heartbeat_s=0.2)
+    log = call.log_path.read_text()
+    print(f"\nphases: {[ln for ln in log.splitlines() if PHASE_PREFIX in ln][:8]}\nheartbeats: {beats[:5]}")
+    assert f"{PHASE_PREFIX} parse m.onnx" in log and f"{PHASE_PREFIX} build fp32" in log
+    assert last_phase(call.log_path).startswith("build")
 
 
 def test_dynamic_spatial_dims_without_a_profile_are_a_model_error(tmp_path):

@@ -431,3 +431,27 @@ def test_an_entry_without_statistics_is_not_a_hit(tmp_path, local_bucket):
     cache = QdqCache(local_bucket, "_trtflow/qdq/m/half.onnx")
     local_bucket.write_bytes(cache.key, b"model written, statistics not yet")
     assert cache.get(tmp_path / "m.onnx") is None
+
+
+def test_silu_detector_keeps_qdq_off_silu_and_the_box_decoder(tmp_path):
+    """TensorRT fuses Conv+Sigmoid+Mul (SiLU) and runs the decoder's Reshape/Softmax/Concat in float:
+    a Q/DQ pair inside them would split the fusions. Conv inputs and weights are quantised, and
+    the CSP bottleneck's residual Add gets its skip input quantised, the Conv-SiLU side float."""
+    from tests.models import silu_detector
+
+    path = save(silu_detector(), tmp_path / "det.onnx")
+    images = np.random.default_rng(0).uniform(0, 1, (16, 3, 16, 16)).astype(np.float32)
+    data = CalibrationData({"images": images}, sha256="silu-detector-test")
+    result = qdq_model_from_calibration(path, data, spec(), tmp_path / "det.q.onnx")
+    m, producers, nodes = graph(result.out_path)
+    for name in ("stem.conv", "block.conv", "head.conv"):
+        assert via_dq(producers, nodes[name].input[0]) and via_dq(producers, nodes[name].input[1]), name
+    float_ops = ("Sigmoid", "Mul", "Split", "Concat", "Slice", "Reshape", "Softmax")
+    for node in m.graph.node:
+        if node.op_type in float_ops:
+            assert not any(via_dq(producers, i) for i in node.input), f"Q/DQ on {node.op_type} {node.name}"
+    add = nodes["block.add"]
+    assert add.input[1] == "block.y" and via_dq(producers, add.input[0])  # skip quantised, Conv-SiLU side fused
+    assert result.residual_adds == ["block.add"]
+    assert sorted(result.quantized_nodes) == ["block.add", "block.conv", "head.conv", "stem.conv"]
+    assert producers["out"].op_type == "Concat"

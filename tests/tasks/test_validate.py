@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import onnx
+from onnx import TensorProto, helper
 import pytest
 import yaml
 
@@ -251,22 +252,40 @@ def test_checker_failure_is_reported(tmp_path):
 
 
 # ---- versions and operators -------------------------------------------------------------------------
-def test_opset_too_new_for_trt86_but_fine_for_trt10(tmp_path):
+def test_opset_too_new_for_trt86_is_converted_not_refused(tmp_path):
     path = models.save(models.relu_model(opset=20), _pkg(tmp_path))
     report = validate_model(path)
-    assert report.codes() == ["opset_unsupported"]
-    err = report.errors[0]
-    assert "opset 20" in err.message and "7 to 17" in err.message
-    assert "opset_version=17" in err.fix
-    assert validate_model(path, trt_version="10.0.1").ok
+    assert report.ok and "opset_converted" in report.warning_codes()
+    warning = next(w for w in report.warnings if w.code == "opset_converted")
+    assert "opset 20" in warning.message and "7 to 17" in warning.message and "version_converter" in warning.message
+    assert "opset_converted" not in validate_model(path, trt_version="10.0.1").warning_codes()
 
 
-def test_ir_version_too_new_for_trt86(tmp_path):
+def test_opset_that_cannot_be_converted_is_refused_naming_the_op(tmp_path):
+    graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], name="gelu")], "gelu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    report = validate_model(models.save(model, _pkg(tmp_path)))
+    assert "opset_unsupported" in report.codes()
+    err = next(e for e in report.errors if e.code == "opset_unsupported")
+    assert "Gelu" in err.message and "opset 20" in err.message and "opset_version=17" in err.fix
+
+
+def test_ir_version_too_new_for_trt86_is_lowered_not_refused(tmp_path):
     path = models.save(models.relu_model(ir_version=10), _pkg(tmp_path))
     report = validate_model(path)
-    assert report.codes() == ["ir_version_unsupported"]
-    assert "IR version 10" in report.errors[0].message and "m.ir_version = 8" in report.errors[0].fix
-    assert validate_model(path, trt_version="10").ok
+    assert report.ok and "ir_version_lowered" in report.warning_codes()
+    assert "lowers the number to 8" in next(w for w in report.warnings if w.code == "ir_version_lowered").message
+    assert "ir_version_lowered" not in validate_model(path, trt_version="10").warning_codes()
+
+
+def test_ir_version_needed_by_a_feature_is_refused(tmp_path):
+    path = models.save(models.float8_weight_model(ir_version=9), _pkg(tmp_path))
+    report = validate_model(path)
+    assert "ir_version_unsupported" in report.codes()
+    assert "FLOAT8E4M3FN" in next(e for e in report.errors if e.code == "ir_version_unsupported").message
 
 
 def test_old_opset_only_warns(tmp_path):
@@ -352,7 +371,7 @@ def test_the_report_names_the_target_it_judged_against_given_as_caps_or_old_keyw
     assert by_caps.ok and by_caps.trt_version == "10.3.1"
     assert "for TensorRT 10.3.1 (parser rules of 10)" in by_caps.summary_lines()[0]
     by_shim = validate_model(path, trt_version="8.6.1")  # the keyword pools' flow still passes
-    assert by_shim.trt_version == "8.6.1" and by_shim.codes() == ["opset_unsupported"]
+    assert by_shim.trt_version == "8.6.1" and "opset_converted" in by_shim.warning_codes()
     assert "TensorRT 8.6.1" in by_shim.summary_lines()[0]
     assert validate_model(path, target="11.0").ok  # the CLI's --target
 

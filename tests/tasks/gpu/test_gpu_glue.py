@@ -154,7 +154,8 @@ def test_parser_error_names_the_node(gpu, tmp_path):
     resp = gpu("engine", _request(tmp_path / "bad.onnx", tmp_path / "e"), tmp_path)
     err = resp["error"]
     assert err["kind"] == "model"
-    assert "'mystery_node' (NotAnOp, #1)" in err["message"] and "opset" in err["fix"]
+    assert "'mystery_node' (NotAnOp, #1)" in err["message"] and "'mystery_node'" in err["fix"]
+    assert "operators.md" in err["fix"] and "tolerances" not in err["fix"]
     assert err["details"] and "mystery_node" in err["details"][0] and "NotAnOp" in err["details"][0]
 
 

@@ -321,6 +321,7 @@ class INetworkDefinition:
         self.strongly_typed = strongly_typed
         self.inputs: List[ITensor] = []
         self.onnx_path: Optional[str] = None
+        self.plugin_layers: List[str] = []  # nodes imported as plugins (InstanceNormalization_TRT on 8.6)
 
     @property
     def num_inputs(self) -> int:
@@ -363,9 +364,37 @@ class _ParserError10(ParserError):
         return self._op
 
 
+PLUGIN_BACKED_OPS = ("InstanceNormalization",)
+
+
+class _PluginRegistry:
+    """What init_libnvinfer_plugins did in this process (the real registry is process-wide too)."""
+
+    def __init__(self) -> None:
+        self.registered, self.calls, self.parser_flags = False, [], []
+
+
+PLUGINS = _PluginRegistry()
+
+
+def init_libnvinfer_plugins(logger: Any, namespace: str) -> bool:
+    PLUGINS.registered = True
+    PLUGINS.calls.append(namespace)
+    return True
+
+
+OnnxParserFlag = enum.IntEnum("OnnxParserFlag", "NATIVE_INSTANCENORM", start=0)  # 8.6 and 10.x
+
+
 class OnnxParser:
     def __init__(self, network: INetworkDefinition, logger: ILogger) -> None:
         self.network, self.logger, self.errors = network, logger, []
+        # 10.x parses InstanceNormalization natively by default; 8.6 through the plugin
+        self.flags = {OnnxParserFlag.NATIVE_INSTANCENORM} if SHAPE.major >= 10 else set()
+
+    def set_flag(self, flag: "OnnxParserFlag") -> None:
+        self.flags.add(flag)
+        PLUGINS.parser_flags.append(flag.name)
 
     @property
     def num_errors(self) -> int:
@@ -377,13 +406,21 @@ class OnnxParser:
     def parse_from_file(self, path: str) -> bool:
         model = onnx.load(path)
         for index, node in enumerate(model.graph.node):
-            if not onnx.defs.has(node.op_type, node.domain or ""):
+            # The real 8.6 parser imports InstanceNormalization through the InstanceNormalization_TRT
+            # plugin, found only once init_libnvinfer_plugins registered TensorRT's plugins.
+            native = OnnxParserFlag.NATIVE_INSTANCENORM in self.flags
+            needs_plugin = node.op_type in PLUGIN_BACKED_OPS and not native and not PLUGINS.registered
+            if node.op_type in PLUGIN_BACKED_OPS and not native:
+                self.network.plugin_layers.append(node.name)
+            if needs_plugin or not onnx.defs.has(node.op_type, node.domain or ""):
                 kind = ParserError if SHAPE.major < 10 else _ParserError10  # 8.6 reports the node index only
                 self.errors.append(kind(f"In node {index} (importFallbackPluginImporter): UNSUPPORTED_NODE: "
                                         f"Assertion failed: creator && \"Plugin not found\"", index, node.name, node.op_type))
                 self.logger.log(_Severity.ERROR, f"ModelImporter: failed to import node {index}")
                 return False
         init = {i.name for i in model.graph.initializer}
+        if not self._constant_slice_axes(model, init):
+            return False
         for vi in model.graph.input:
             if vi.name in init:
                 continue
@@ -392,6 +429,27 @@ class OnnxParser:
             self.network.inputs.append(ITensor(vi.name, shape, _onnx_to_trt(t.elem_type)))
         self.network.onnx_path = str(path)
         return True
+
+    def _constant_slice_axes(self, model: onnx.ModelProto, init: set) -> bool:
+        """Before 10.3 the Slice importer needs axes (input 3) as an initializer or Constant output."""
+        if SHAPE.major >= 10:
+            return True
+        constants = init | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        for index, node in enumerate(model.graph.node):
+            if node.op_type == "Slice" and len(node.input) > 3 and node.input[3] and node.input[3] not in constants:
+                self.errors.append(ParserError(f"In node {index} (importSlice): UNSUPPORTED_NODE: Assertion failed: "
+                                               f"This version of TensorRT does not support dynamic axes.", index,
+                                               node.name, node.op_type))
+                self.logger.log(_Severity.ERROR, f"ModelImporter: failed to import node {index}")
+                return False
+        return True
+
+
+class IProgressMonitor:
+    """10.x: the builder calls phase_start/step_complete/phase_finish on config.progress_monitor."""
+
+    def __init__(self) -> None:
+        pass
 
 
 class IOptimizationProfile:
@@ -536,6 +594,11 @@ class Builder:
             self.logger.log(_Severity.ERROR, "Network has dynamic or shape inputs, but no optimization profile has been defined.")
             return None
         flags = [f.name for f in config.flags_set]
+        compatible = "VERSION_COMPATIBLE" in flags or int(config.hardware_compatibility_level) != 0
+        if compatible and network.plugin_layers:  # the plugin's code cannot travel in such a plan
+            self.logger.log(_Severity.ERROR, f"{network.plugin_layers[0]}: plugin layers are not supported in "
+                                             "hardware- or version-compatible engines")
+            return None
         calib = config.__dict__.get("int8_calibrator")
         if network.strongly_typed and ({"FP16", "INT8"} & set(flags) or calib is not None):
             # 10.x: a strongly typed network takes its types from the graph; precision flags are an error.
@@ -547,6 +610,13 @@ class Builder:
             calibrated = _calibrate(self.logger, network, calib)
             if calibrated is None:
                 return None
+        monitor = config.__dict__.get("progress_monitor")
+        if monitor is not None:  # 10.x: the phases a real build reports, top level then nested
+            monitor.phase_start("Building engine", None, 2)
+            monitor.phase_start("Timing tactics", "Building engine", 3)
+            monitor.step_complete("Timing tactics", 0)
+            monitor.phase_finish("Timing tactics")
+            monitor.phase_finish("Building engine")
         shapes = [{n: s for n, s in p.shapes.items()} for p in config.profiles]
         if config.timing_cache is not None:
             config.timing_cache.entries.add(f"{Path(network.onnx_path).name}:{sorted(int(f) for f in config.flags_set)}")
@@ -776,6 +846,11 @@ def _tensorrt(version: str) -> types.ModuleType:
     if major < 10:
         m.DataType = enum.IntEnum("DataType", "FLOAT HALF INT8 INT32 BOOL UINT8 FP8", start=0)
     m.nptype = nptype
+    m.init_libnvinfer_plugins = init_libnvinfer_plugins
+    PLUGINS.registered, PLUGINS.calls, PLUGINS.parser_flags = False, [], []  # a fresh process per install
+    m.OnnxParserFlag = OnnxParserFlag
+    if major >= 10:
+        m.IProgressMonitor = IProgressMonitor
     if major < 11:
         m.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
     return m
