@@ -472,7 +472,8 @@ def record_published(conv: Conversion, pub: Publication) -> dict:
                              description=f"{conv.name} conversion summary")
     create_link_artifact(key=_artifact_key(conv.name) + "-engine", link=best.engine_url,
                          link_text=f"{conv.name} {best.precision} engine", description="latest engine")
-    get_run_logger().info("published %s: latest is %s (%s)", conv.name, best.engine_key, best.precision)
+    get_run_logger().info("published %s: %s (%s); latest.json names %s", conv.name, best.engine_key, best.precision,
+                          pub.latest.get("engine"))  # a newer upload's engine when this run's upload is older
     return {"status": "published", "model": conv.name, "model_sha": conv.sha, "engines": pub.engines,
             "latest": {"precision": best.precision, "engine": best.engine_key}, "results": pub.results}
 

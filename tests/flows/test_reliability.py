@@ -262,6 +262,24 @@ def test_item3_reader_loop_sees_no_mismatch_during_forced_and_overlapping_rebuil
     assert len(spans) == 5 and all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))
 
 
+def test_item3_two_runs_of_one_new_version_build_once(prefect_harness, bucket, monkeypatch, tmp_path):
+    """watch-bucket plus nightly-rebuild (or the UI) start the same version together: one builds, the
+    other waits for the version's lock and then is a cache hit."""
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv("TRTFLOW_DOUBLE_TRACE", str(trace))
+    models.save(models.small_cnn(), bucket / "models" / "cnn.onnx")
+    results: list = []
+    runs = [threading.Thread(target=lambda: results.append(_convert(bucket / "models" / "cnn.onnx",
+                                                                    precisions=["fp32"]))) for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert sorted(r["status"] for r in results) == ["cached", "published"]
+    assert len(trace.read_text().splitlines()) == 1  # one engine build
+    assert len({r["engines"]["fp32"] for r in results}) == 1
+
+
 def test_item3_a_published_engine_key_is_never_written_twice(prefect_harness, bucket, monkeypatch):
     models.save(models.small_cnn(), bucket / "models" / "cnn.onnx")
     writes = []
