@@ -686,11 +686,21 @@ def _export_in_parallel(todo: List[Entry], args) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     threads = max(1, (os.cpu_count() or 4) // args.jobs)
+    deadline = time.monotonic() + (args.budget or 1e9)
 
     def one(entry: Entry) -> int:
         cmd = [sys.executable, __file__, "--bucket", str(args.bucket), "--only", entry.name, "--threads", str(threads),
                "--redo"]
-        return subprocess.call(cmd)
+        left = deadline - time.monotonic()
+        if left < 5:
+            return 0  # the next call exports it
+        try:
+            return subprocess.run(cmd, timeout=left).returncode  # killed at the budget: no orphan keeps the CPUs
+        except subprocess.TimeoutExpired:
+            _emit({"model": entry.name, "exported": False, "error": f"stopped at the --budget of {args.budget:.0f} s; "
+                                                                    "the next call exports it"},
+                  Path(os.environ["OUT"]) / "zoo-export.jsonl" if os.environ.get("OUT") else None)
+            return 0
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         codes = list(pool.map(one, todo))
@@ -707,6 +717,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="exports at once, each its own process")
     ap.add_argument("--big", action="store_true", help="also export the >2 GB external-data model (slow)")
     ap.add_argument("--redo", action="store_true", help="export again what is already in the bucket")
+    ap.add_argument("--budget", type=float, default=0, help="with --jobs: seconds for this call (0: no limit)")
     args = ap.parse_args(argv)
     if args.list:
         for e in ZOO:

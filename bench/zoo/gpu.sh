@@ -45,7 +45,7 @@ case "$step" in
     start=$SECONDS
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
     # export: at most a third of the budget; what it does not finish, the next call exports
-    timeout $((budget / 3)) python3 bench/zoo/export_zoo.py --bucket "$ZOO" --jobs 4 2>&1 \
+    timeout $((budget / 3 + 30)) python3 bench/zoo/export_zoo.py --bucket "$ZOO" --jobs 4 --budget $((budget / 3)) 2>&1 \
       | grep -E '^\{' | cut -c1-300 | tee -a "$OUT/zoo-export.txt"
     left=$((budget - (SECONDS - start) - 20))
     echo "export done after $((SECONDS - start)) s; converting for $left s with $jobs jobs"

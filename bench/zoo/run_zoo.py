@@ -170,6 +170,9 @@ def _own_server_env(home: Path) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), TRTFLOW_HOME=str(home / "trtflow"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PYTHONUNBUFFERED="1")
+    # N servers starting at once on busy cores miss Prefect's default 20 s (measured: "Timed out while
+    # attempting to connect to ephemeral Prefect API server" with two jobs on a loaded 2-core machine)
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     return env
 
 

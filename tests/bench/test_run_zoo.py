@@ -70,6 +70,7 @@ def test_each_job_gets_its_own_prefect_home_and_no_shared_api(tmp_path, monkeypa
     monkeypatch.setenv("PREFECT_API_URL", "http://shared:4200/api")
     a, b = run_zoo._own_server_env(tmp_path / "a"), run_zoo._own_server_env(tmp_path / "b")
     assert "PREFECT_API_URL" not in a and a["PREFECT_HOME"] != b["PREFECT_HOME"]
+    assert int(a["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) >= 60  # parallel starts are slow
 
 
 def test_the_zoo_scripts_compile():
