@@ -166,10 +166,12 @@ def registry_order(names: List[str]) -> List[str]:
 
 def _own_server_env(home: Path) -> Dict[str, str]:
     """This conversion's environment: its own PREFECT_HOME (database, temporary server) and no
-    PREFECT_API_URL, so parallel conversions never share a server or its gpu-<id> slot."""
+    PREFECT_API_URL, so parallel conversions never share a server or its gpu-<id> slot; its own
+    TRTFLOW_GPU_LOCK_DIR, so the host-wide per-GPU build lock (flows/gpu_slot.py) does not queue them
+    either: the zoo shares one H200 on purpose, to fit its time (the table says so)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), TRTFLOW_HOME=str(home / "trtflow"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", TRTFLOW_GPU_LOCK_DIR=str(home / "gpu-locks"))
     # N servers starting at once on busy cores miss Prefect's default 20 s (measured: "Timed out while
     # attempting to connect to ephemeral Prefect API server" with two jobs on a loaded 2-core machine)
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
