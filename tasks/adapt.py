@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto
 
 from tasks.errors import ModelError
+from tasks.onnx_graphs import graphs as _graphs
 
 SANITISE_MODES = ("on-failure", "always", "never")
 ADAPTED_FILENAME = "model.onnx"
@@ -86,16 +87,6 @@ class TargetLimits:
 
 
 # ---- walking the model --------------------------------------------------------------------------
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            for g in attr.graphs:
-                yield from _graphs(g)
-
-
 def _all_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
     yield from _graphs(model.graph)
     for fn in model.functions:

@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 import onnx
 from google.protobuf.message import DecodeError
 
+from tasks.onnx_graphs import graphs as _graphs
 from tasks.validate.report import ValidationReport
 
 _REEXPORT_FIX = ("Re-export the model to ONNX (e.g. torch.onnx.export(..., opset_version=17)) and re-upload it; "
@@ -57,18 +58,6 @@ def _read_proto(path: Path, report: ValidationReport) -> Optional[onnx.ModelProt
                      f"{_sniff(head)}", _REEXPORT_FIX)
         return None
     return model
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
