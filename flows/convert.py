@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, \
-    update_progress_artifact
+    create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.logging import get_run_logger
@@ -28,7 +28,7 @@ from prefect.logging import get_run_logger
 from flows.build import DEPLOYMENT_SETTING, BuildRequest, build_engine
 from flows.params import ConvertRequest
 from flows.workers import Target, target_for_validation
-from tasks import accuracy, engine as engine_stage, precision_inputs, publish
+from tasks import accuracy, bench_report, engine as engine_stage, precision_inputs, publish
 from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable, retry_condition
 from tasks.gpu_client import GpuEnv
 from tasks.metrics import gate as accuracy_gate
@@ -315,7 +315,9 @@ def publish_precision(conv: Conversion, address: EngineAddress, r: PrecisionResu
         build_options=conv.spec.build.model_dump(mode="json"), flow_run_id=conv.run_id, spec_key=address.spec_key,
         layers=r.layers, timing_cache=r.outcome.response.get("timing_cache"))
     manifest["eval"] = {"synthetic": conv.eval_set.synthetic, "samples": conv.eval_set.samples}
-    return publish.publish_engine(conv.storage, address, r.precision, files=r.outcome.files, manifest=manifest)
+    sweep = bench_report.sweep_files(r.bench, conv.workdir / f"{r.precision}-report", f"{conv.name} {r.precision}")
+    return publish.publish_engine(conv.storage, address, r.precision, files=dict(r.outcome.files, **sweep),
+                                  manifest=manifest)
 
 
 def _validation_record(conv: Conversion) -> dict:
@@ -370,13 +372,25 @@ def record_published(conv: Conversion, pub: Publication) -> dict:
                          flow_run_id=conv.run_id, extra={"latest": pub.latest["engine"], "precision": best.precision,
                                                          "engines": pub.engines, "results": pub.results})
     create_markdown_artifact(key=_artifact_key(conv.name),
-                             markdown=_summary_markdown(conv.name, conv.rows, "published", pub.latest, conv.notes),
-                             description=f"{conv.name} conversion summary")
+                             markdown=_summary_markdown(conv.name, conv.rows, "published", pub.latest, conv.notes)
+                             + _sweep_markdown(conv, best), description=f"{conv.name} conversion summary")
     create_link_artifact(key=_artifact_key(conv.name) + "-engine", link=best.engine_url,
                          link_text=f"{conv.name} {best.precision} engine", description="latest engine")
     get_run_logger().info("published %s: latest is %s (%s)", conv.name, best.engine_key, best.precision)
     return {"status": "published", "model": conv.name, "model_sha": conv.sha, "engines": pub.engines,
             "latest": {"precision": best.precision, "engine": best.engine_key}, "results": pub.results}
+
+
+def _sweep_markdown(conv: Conversion, best: publish.PublishedEngine) -> str:
+    """The best engine's batch sweep for the run's artifact: its table and where its plot is."""
+    sweep = ((best.manifest.get("benchmark") or {}).get("tensorrt") or {}).get("sweep")
+    if not sweep or not sweep.get("points"):
+        return ""
+    create_table_artifact(key=_artifact_key(conv.name) + "-sweep", table=bench_report.sweep_rows(sweep),
+                          description=f"{conv.name} {best.precision}: batch sweep")
+    plot = best.manifest.get("files", {}).get(bench_report.SWEEP_PLOT)
+    return (f"\n\n## Batch sweep ({best.precision})\n\n{bench_report.sweep_markdown(sweep)}\n\n"
+            f"Plot: `{conv.storage.url(plot) if plot else '—'}`")
 
 
 def cached_summary(conv: Conversion, force: bool) -> Optional[dict]:
