@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -68,15 +69,32 @@ def _env(args, home: Path) -> dict:
     return env
 
 
-def drop_and_wait(storage, drop, name: str, model: Path, limit: float) -> dict:
+def _phases(api_url: str, flow_run_id: str, dropped: float) -> dict:
+    """Where the time went, from the convert-model run's timestamps in the Prefect API."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(api_url) as client:
+        run = client.read_flow_run(flow_run_id)
+    created, start, end = (t.timestamp() if t else None for t in (run.created, run.start_time, run.end_time))
+    return {"drop_to_run_created_s": round(created - dropped, 2),  # settle + the watcher's poll + its process
+            "created_to_started_s": round(start - created, 2) if start else None,  # CPU worker pickup + process start
+            "run_s": round(end - start, 2) if start and end else None}  # convert-model itself, GPU work included
+
+
+def drop_and_wait(storage, drop, name: str, model: Path, limit: float, api_url: str) -> dict:
     """Put the model into models/, wait for latest.json; the time and the GPU time inside it."""
     dropped = time.time()
     drop(model, f"models/{name}.onnx")
     latest = _until(lambda: storage.read_json(f"engines/{name}/latest.json"), limit, f"{name}'s latest.json")
     published_s = time.time() - dropped
     gpu_s = _gpu_seconds(storage, latest)
-    return {"drop_to_published_s": round(published_s, 2), "gpu_s": gpu_s, "overhead_s": round(published_s - gpu_s, 2),
-            "precision": latest["precision"]}
+    out = {"drop_to_published_s": round(published_s, 2), "gpu_s": gpu_s, "overhead_s": round(published_s - gpu_s, 2),
+           "precision": latest["precision"]}
+    try:
+        out["phases"] = _phases(api_url, latest["flow_run_id"], dropped)
+    except Exception as err:  # noqa: BLE001 - the breakdown is extra; the figures above stand without it
+        out["phases"] = f"unavailable: {err}"
+    return out
 
 
 def stack_measure(args, kind: str, model: Path, watch_interval: float, settle: float) -> dict:
@@ -118,8 +136,10 @@ def stack_measure(args, kind: str, model: Path, watch_interval: float, settle: f
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(src, dest.with_name("." + dest.name + ".tmp"))
                 os.replace(dest.with_name("." + dest.name + ".tmp"), dest)
+        api = re.search(r"Prefect UI:\s+(\S+)", up.stdout).group(1).rstrip("/") + "/api"
         out = {"measure": f"overhead_{kind}", "up_s": up_s, "watch_interval_s": watch_interval, "settle_s": settle,
-               **drop_and_wait(storage, drop, "dropped", model, args.limit), "goal_s": 10}
+               **drop_and_wait(storage, drop, "dropped", model, args.limit, api), "goal_s": 10,
+               "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
         out["ok"] = out["overhead_s"] <= 10
         out["convert_with_stack"] = [convert_measure(env, storage.url("models/dropped.onnx"), storage, "dropped")
                                      for _ in range(2)]
@@ -139,7 +159,7 @@ def convert_measure(env: dict, uri: str, storage, name: str) -> dict:
         return {"error": (proc.stdout + proc.stderr)[-800:]}
     gpu_s = _gpu_seconds(storage, storage.read_json(f"engines/{name}/latest.json"))
     return {"wall_s": round(wall, 2), "gpu_s": gpu_s, "overhead_s": round(wall - gpu_s, 2), "goal_s": 5,
-            "ok": wall - gpu_s <= 5}
+            "ok": wall - gpu_s <= 5, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def cold_convert(args, model: Path) -> dict:

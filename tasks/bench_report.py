@@ -78,14 +78,14 @@ def sweep_markdown(sweep: dict) -> str:
 
 def sweep_plot_png(sweep: dict, path: Path, title: str) -> Path:
     """Throughput and GPU p99 latency (left) and device memory (right) against batch size, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on workers; must precede pyplot
-    import matplotlib.pyplot as plt
+    # matplotlib's Figure API, not pyplot: no display backend is chosen and pyplot's import (about
+    # half of the plot's cost, measured 1.5 s of 3.3 s on a loaded 2-core machine) is never paid.
+    from matplotlib.figure import Figure
 
     pts = sweep.get("points", [])
     batches = [p["batch"] for p in pts]
-    fig, (ax, mem_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax, mem_ax = fig.subplots(1, 2)
     ax.plot(batches, [p["throughput_per_s"] for p in pts], "o-", color="tab:blue", label="throughput")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
@@ -105,7 +105,6 @@ def sweep_plot_png(sweep: dict, path: Path, title: str) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
-    plt.close(fig)
     return path
 
 
