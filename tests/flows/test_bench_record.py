@@ -31,7 +31,8 @@ def package(tmp_path, tmp_path_factory, monkeypatch):
     models.save(models.small_cnn(), pkg / "model.onnx")
     spec = {"precisions": ["fp32"], "profiles": [{"images": {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32],
                                                               "max": [16, 3, 32, 32]}}],
-            "bench": {"sweep": True, "p99_target_ms": 10000.0, "window_ms": 20, "iterations": 5}}
+            "bench": {"sweep": True, "p99_target_ms": 10000.0, "window_ms": 20, "iterations": 5,
+                      "layer_times": True}}
     (pkg / "trtflow.yaml").write_text(yaml.safe_dump(spec))
     from flows.workers import record_worker_probe
     from tasks.gpu_client import probe_gpu
@@ -75,6 +76,7 @@ def test_manifest_carries_the_benchmark_record_and_the_sweep(prefect_harness, pa
     prefix = manifest["files"]["model.plan"].rsplit("/", 1)[0]
     assert files["sweep.png"] == f"{prefix}/sweep.png" and files["sweep.md"] == f"{prefix}/sweep.md"
     assert store.read_bytes(files["sweep.png"]).startswith(PNG_MAGIC)
+    assert files["layer_times.json"] == f"{prefix}/layer_times.json"  # bench.layer_times: true, published too
     table = store.read_bytes(files["sweep.md"]).decode()
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][1:] == \
         ["| 1", "| 2", "| 4", "| 8", "| 16"]  # header, then one row per batch
