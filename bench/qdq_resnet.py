@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench"))
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--skip-ort", action="store_true")
+    ap.add_argument("--name", default="resnet50", help="output file stem: <out>/<name>.qdq.onnx")
     args = ap.parse_args()
     import onnx
 
@@ -37,7 +38,8 @@ def main() -> int:
     images = np.random.default_rng(0).normal(0, 1, [args.samples] + dims).astype(np.float32)
     data = CalibrationData({graph_input.name: images}, hashlib.sha256(images.tobytes()).hexdigest(), synthetic=True)
     spec = parse_spec({"calibration": {"method": "minmax", "backend": "onnxruntime", "synthetic": True}})
-    variants = [("resnet50.qdq.onnx", "tensorrt")] + ([] if args.skip_ort else [("resnet50.qdq-ort.onnx", ORT_DEFAULT)])
+    variants = [(f"{args.name}.qdq.onnx", "tensorrt")] + \
+        ([] if args.skip_ort else [(f"{args.name}.qdq-ort.onnx", ORT_DEFAULT)])
     for fname, placement in variants:
         t0 = time.time()
         result = qdq_model_from_calibration(args.onnx, data, spec, args.out / fname, placement=placement)

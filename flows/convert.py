@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, \
-    update_progress_artifact
+    create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.logging import get_run_logger
@@ -32,7 +32,7 @@ from flows.build import DEPLOYMENT_SETTING, BuildRequest, build_engine
 from flows.gpu_slot import ensure_gpu_limit
 from flows.params import ConvertRequest
 from flows.workers import Target, target_for_validation
-from tasks import accuracy, adapt, engine as engine_stage, precision_inputs, publish, strategy
+from tasks import accuracy, adapt, bench_report, engine as engine_stage, precision_inputs, publish, strategy
 from tasks.errors import InfraError, ModelError, TrtflowError, is_retriable, retry_condition
 from tasks.fixes import PARSER_REJECTED, fix_for_accuracy_failure
 from tasks.gpu_client import GpuEnv
@@ -396,7 +396,9 @@ def publish_precision(conv: Conversion, address: EngineAddress, r: PrecisionResu
     manifest["eval"] = {"synthetic": conv.eval_set.synthetic, "samples": conv.eval_set.samples}
     manifest["package"] = conv.package.identity.to_dict()  # every file of the package by sha256
     manifest.setdefault("model", {})["adaptations"] = conv.adaptations()
-    return publish.publish_engine(conv.storage, address, r.precision, files=r.outcome.files, manifest=manifest)
+    sweep = bench_report.sweep_files(r.bench, conv.workdir / f"{r.precision}-report", f"{conv.name} {r.precision}")
+    return publish.publish_engine(conv.storage, address, r.precision, files=dict(r.outcome.files, **sweep),
+                                  manifest=manifest)
 
 
 def _validation_record(conv: Conversion) -> dict:
@@ -468,8 +470,8 @@ def record_published(conv: Conversion, pub: Publication) -> dict:
                          flow_run_id=conv.run_id, extra={"latest": pub.latest["engine"], "precision": best.precision,
                                                          "engines": pub.engines, "results": pub.results})
     create_markdown_artifact(key=_artifact_key(conv.name),
-                             markdown=_summary_markdown(conv.name, conv.rows, "published", pub.latest, conv.notes),
-                             description=f"{conv.name} conversion summary")
+                             markdown=_summary_markdown(conv.name, conv.rows, "published", pub.latest, conv.notes)
+                             + _sweep_markdown(conv, best), description=f"{conv.name} conversion summary")
     create_link_artifact(key=_artifact_key(conv.name) + "-engine", link=best.engine_url,
                          link_text=f"{conv.name} {best.precision} engine", description="latest engine")
     get_run_logger().info("published %s: %s (%s); latest.json names %s", conv.name, best.engine_key, best.precision,
@@ -485,6 +487,18 @@ def _write_latest(conv: Conversion, address: EngineAddress, best: publish.Publis
         get_run_logger().info("latest.json of %s stays on %s: it is a newer upload (%s) than this run's (%s)",
                               conv.name, latest.get("engine"), latest.get("uploaded_at"), conv.package.uploaded_at)
     return latest
+
+
+def _sweep_markdown(conv: Conversion, best: publish.PublishedEngine) -> str:
+    """The best engine's batch sweep for the run's artifact: its table and where its plot is."""
+    sweep = ((best.manifest.get("benchmark") or {}).get("tensorrt") or {}).get("sweep")
+    if not sweep or not sweep.get("points"):
+        return ""
+    create_table_artifact(key=_artifact_key(conv.name) + "-sweep", table=bench_report.sweep_rows(sweep),
+                          description=f"{conv.name} {best.precision}: batch sweep")
+    plot = best.manifest.get("files", {}).get(bench_report.SWEEP_PLOT)
+    return (f"\n\n## Batch sweep ({best.precision})\n\n{bench_report.sweep_markdown(sweep)}\n\n"
+            f"Plot: `{conv.storage.url(plot) if plot else '—'}`")
 
 
 def cached_summary(conv: Conversion, force: bool) -> Optional[dict]:

@@ -170,6 +170,9 @@ def engine_from_onnx(storage: Storage, *, env: GpuEnv, spec: ModelSpec, onnx_pat
     layers = (call.response.get("layers") or {}).get("path")
     if layers and Path(layers).exists():
         files["layers.json"] = Path(layers)
+    timed = ((call.response.get("bench") or {}).get("layer_times") or {}).get("path")  # bench.layer_times: true
+    if timed and Path(timed).exists():
+        files["layer_times.json"] = Path(timed)
     return EngineOutcome(precision, Path(onnx_path), out_dir, call.response, request, call.log_path, call.seconds, files)
 
 
@@ -177,7 +180,8 @@ def engine_from_onnx(storage: Storage, *, env: GpuEnv, spec: ModelSpec, onnx_pat
 JOB_FILE = "job.json"
 RESPONSE_FILE = "response.json"
 ERROR_FILE = "error.json"
-OUTPUT_FILES = ("model.plan", "build.log", "request.json", "reproduce.sh", "layers.json", "eval_outputs.npz")
+OUTPUT_FILES = ("model.plan", "build.log", "request.json", "reproduce.sh", "layers.json", "layer_times.json",
+                "eval_outputs.npz")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import ContextManager, Dict, List, Optional
 
 import psutil
 
+from tasks.bench_report import benchmark_summary
 from tasks.errors import TrtflowError
 from tasks.package import EngineAddress, latest_key, status_key
 from tasks.secrets import scrub
@@ -97,7 +98,9 @@ def build_manifest(*, name: str, package, spec, gpu_env: dict, precision: str, e
                   "timing_cache": timing_cache},
         "calibration": calibration,
         "accuracy": {"metrics": accuracy, "gate": gate},
-        "benchmark": {"tensorrt": bench, "onnxruntime_cpu": ort_bench, "speedup_vs_ort_cpu": speedup},
+        # "tensorrt" is the GPU side's full record; "summary" the figures readers look for (added in v1).
+        "benchmark": {"tensorrt": bench, "onnxruntime_cpu": ort_bench, "speedup_vs_ort_cpu": speedup,
+                      "summary": benchmark_summary(bench)},
         "spec": spec.model_dump(mode="json"),
         "flow_run_id": flow_run_id,
         "created_at": now(),

@@ -242,11 +242,20 @@ def measure(runner: Any, shapes: Dict[str, List[int]], s: BenchSettings) -> Dict
     lat = gpu_latency(runner, launch, s.iterations)
     host = host_latency(runner, launch, s.iterations)
     runner.fetch()  # surfaces an asynchronous CUDA error here rather than in the next step
-    return {"shape": shapes, "batch": batch, "iterations": s.iterations, "warmup_ms": s.warmup_ms,
-            "cuda_graph": graph, "throughput_per_s": tput["per_s"], "throughput": tput, "latency_ms": lat,
-            "host_latency_ms": host["host_latency_ms"], "h2d_ms": host["h2d_ms"], "d2h_ms": host["d2h_ms"],
-            "device_memory_bytes": runner.device_memory_bytes(),
-            "activation_bytes": runner.activation_bytes(), "io_bytes": runner.io_bytes()}
+    memory = {"device_memory_bytes": runner.device_memory_bytes(), "activation_bytes": runner.activation_bytes(),
+              "io_bytes": runner.io_bytes()}
+    return measure_record(shapes, batch, s, graph, tput, lat, host, memory)
+
+
+def measure_record(shapes: Dict[str, List[int]], batch: int, s: BenchSettings, graph: Dict[str, Any],
+                   tput: Dict[str, Any], lat: Dict[str, float], host: Dict[str, Dict[str, float]],
+                   memory: Dict[str, int]) -> Dict[str, Any]:
+    """One shape's record from its parts (``throughput_windows``, ``gpu_latency``, ``host_latency``):
+    the keys tasks/bench_report.py and the manifest read, written once (the GPU test double uses it too)."""
+    return dict({"shape": shapes, "batch": batch, "iterations": s.iterations, "warmup_ms": s.warmup_ms,
+                 "cuda_graph": graph, "throughput_per_s": tput["per_s"], "throughput": tput, "latency_ms": lat,
+                 "host_latency_ms": host["host_latency_ms"], "h2d_ms": host["h2d_ms"], "d2h_ms": host["d2h_ms"]},
+                **memory)
 
 
 def sweep(runner: Any, base: Dict[str, List[int]], s: BenchSettings) -> Dict[str, Any]:
@@ -259,14 +268,24 @@ def sweep(runner: Any, base: Dict[str, List[int]], s: BenchSettings) -> Dict[str
     points = []
     for b in batches:
         m = measure(runner, shapes_at_batch(runner, b, base), light)
-        points.append({"batch": b, "throughput_per_s": m["throughput_per_s"], "cov": m["throughput"]["cov"],
-                       "latency_ms": {"p50": m["latency_ms"]["p50"], "p99": m["latency_ms"]["p99"]},
-                       "host_latency_ms": {"p50": m["host_latency_ms"]["p50"], "p99": m["host_latency_ms"]["p99"]},
-                       "cuda_graph": m["cuda_graph"]["used"], "device_memory_bytes": m["device_memory_bytes"],
-                       "activation_bytes": m["activation_bytes"], "io_bytes": m["io_bytes"]})
+        points.append(sweep_point(m))
         log.info("sweep batch %d: %.1f/s, p99 %.3f ms", b, m["throughput_per_s"], m["latency_ms"]["p99"])
-    return {"input": first, "points": points, "p99_target_ms": s.p99_target_ms,
-            "largest_batch_under_target": largest_batch_under(points, s.p99_target_ms)}
+    return sweep_record(first, points, s.p99_target_ms)
+
+
+def sweep_point(m: Dict[str, Any]) -> Dict[str, Any]:
+    """One batch of a sweep from its ``measure`` record (the sweep's table and plot read these keys)."""
+    return {"batch": m["batch"], "throughput_per_s": m["throughput_per_s"], "cov": m["throughput"]["cov"],
+            "latency_ms": {"p50": m["latency_ms"]["p50"], "p99": m["latency_ms"]["p99"]},
+            "host_latency_ms": {"p50": m["host_latency_ms"]["p50"], "p99": m["host_latency_ms"]["p99"]},
+            "cuda_graph": m["cuda_graph"]["used"], "device_memory_bytes": m["device_memory_bytes"],
+            "activation_bytes": m["activation_bytes"], "io_bytes": m["io_bytes"]}
+
+
+def sweep_record(first_input: str, points: List[Dict[str, Any]], p99_target_ms: Optional[float]) -> Dict[str, Any]:
+    """The response's ``sweep``: its points and the largest batch under the p99 target."""
+    return {"input": first_input, "points": points, "p99_target_ms": p99_target_ms,
+            "largest_batch_under_target": largest_batch_under(points, p99_target_ms)}
 
 
 def layer_times(runner: Any, out_path: Path, iterations: int = 20) -> Dict[str, Any]:

@@ -65,6 +65,55 @@ def _parser_refusal(req: dict):
     return None
 
 
+def _ort_measure(sess, shapes: dict, s) -> dict:
+    """One shape timed on onnxruntime's host clock, assembled by tasks/gpu/bench.py's own record
+    functions, so the record has the real method's keys (no CUDA: no graph, copies of 0 ms)."""
+    from tasks.gpu import bench
+
+    feeds = {i.name: np.zeros(shapes[i.name], dtype=np.int64 if "int64" in i.type else np.float32)
+             for i in sess.get_inputs()}
+
+    def run_ms(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            sess.run(None, feeds)
+        return (time.perf_counter() - t) * 1e3
+
+    n = max(3, min(int(s.iterations), 10))
+    batch = int(next(iter(shapes.values()))[0]) if shapes else 1
+    tput = bench.throughput_windows(run_ms, 2, min(s.windows, 3), batch, s.cov_limit, 0)
+    lat = bench.latency_stats([run_ms(1) for _ in range(n)])
+    zero = bench.latency_stats([0.0])
+    host = {"host_latency_ms": lat, "h2d_ms": zero, "d2h_ms": zero}
+    graph = {"used": False, "reason": "test double: no CUDA"}
+    return bench.measure_record(shapes, batch, s, graph, tput, lat, host,
+                                {"device_memory_bytes": 1024 * batch, "activation_bytes": 512 * batch, "io_bytes": 0})
+
+
+def _bench(sess, req: dict) -> dict:
+    from tasks.gpu import bench
+
+    s = bench.BenchSettings.from_request(req["bench"])
+    profile = (req.get("profiles") or [{}])[0]
+    shapes = {i.name: list(profile.get(i.name, {}).get("opt") or [d if isinstance(d, int) else 1 for d in i.shape])
+              for i in sess.get_inputs()}
+    record = dict(_ort_measure(sess, shapes, s), method="test double: onnxruntime on the CPU, host clock",
+                  sweep=None, layer_times=None)
+    first = sess.get_inputs()[0].name
+    if s.sweep and first in profile:
+        lo, opt, hi = (profile[first][k][0] for k in ("min", "opt", "max"))
+        batches = sorted({int(b) for b in s.sweep if lo <= int(b) <= hi}) if isinstance(s.sweep, list) else \
+            bench.sweep_batches(lo, opt, hi)
+        points = [bench.sweep_point(_ort_measure(sess, {n: ([b] + v[1:]) if n in profile else v
+                                                        for n, v in shapes.items()}, s)) for b in batches]
+        record["sweep"] = bench.sweep_record(first, points, s.p99_target_ms)
+    if s.layer_times:  # the file's place in the protocol; no per-layer times without TensorRT
+        path = Path(req["out_dir"]) / "layer_times.json"
+        path.write_text(json.dumps({"iterations": 0, "total_ms": 0.0, "layers": [], "note": "test double"}))
+        record["layer_times"] = {"path": str(path), "layers": 0, "total_ms": 0.0}
+    return record
+
+
 def _engine(req: dict) -> dict:
     import onnxruntime as ort
 
@@ -132,22 +181,7 @@ def _engine(req: dict) -> dict:
         np.savez(req["eval"]["outputs"], **outs)
         result["eval"] = {"outputs": req["eval"]["outputs"], "calls": len(calls), "seconds": 0.0}
     if req.get("bench"):
-        profile = (req.get("profiles") or [{}])[0]
-        feeds = {}
-        for i in sess.get_inputs():
-            shape = profile.get(i.name, {}).get("opt") or [d if isinstance(d, int) else 1 for d in i.shape]
-            dtype = np.int64 if "int64" in i.type else np.float32
-            feeds[i.name] = np.zeros(shape, dtype=dtype)
-        times = []
-        for _ in range(max(3, min(int(req["bench"].get("iterations", 10)), 10))):
-            t = time.perf_counter(); sess.run(None, feeds); times.append((time.perf_counter() - t) * 1e3)
-        batch = next(iter(feeds.values())).shape[0] if feeds else 1
-        p = np.percentile(times, [50, 90, 99])
-        result["bench"] = {"shape": {k: list(v.shape) for k, v in feeds.items()}, "batch": int(batch),
-                           "iterations": len(times),
-                           "latency_ms": {"mean": float(np.mean(times)), "p50": float(p[0]), "p90": float(p[1]),
-                                          "p99": float(p[2]), "min": float(min(times)), "max": float(max(times))},
-                           "throughput_per_s": float(batch * 1e3 / p[0]), "device_memory_bytes": 0}
+        result["bench"] = _bench(sess, req)
     result["engine"]["build_seconds"] = time.time() - start
     trace = os.environ.get("TRTFLOW_DOUBLE_TRACE")
     if trace:
