@@ -86,6 +86,9 @@ def build_engine(request: BuildRequest) -> dict:
         outcome = _build(storage, inputs, env, workdir)
         key = store_build_outputs(storage, request.work_prefix, outcome, env)
         logger.info("engine built in %.1f s (GPU subprocess)", outcome.seconds)
+        for note in (outcome.response.get("engine") or {}).get("deprecations") or []:
+            # The manifest records these too; the run log is where an operator sees them first.
+            logger.warning("TensorRT %s deprecates a path this build used: %s", env.tensorrt, note)
         return {"response": key, "target": env.target}
     except TrtflowError as err:
         store_build_error(storage, request.work_prefix, err)

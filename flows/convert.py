@@ -15,9 +15,10 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, \
@@ -27,6 +28,7 @@ from prefect.context import get_run_context
 from prefect.logging import get_run_logger
 
 from flows.build import DEPLOYMENT_SETTING, BuildRequest, build_engine
+from flows.gpu_slot import ensure_gpu_limit
 from flows.params import ConvertRequest
 from flows.workers import Target, target_for_validation
 from tasks import accuracy, engine as engine_stage, precision_inputs, publish
@@ -38,6 +40,7 @@ from tasks.metrics import gate as accuracy_gate
 from tasks.package import EngineAddress, LocalPackage, ModelPackage, fetch_package, open_model, parse_model_uri, \
     work_prefix
 from tasks.spec import ModelSpec, load_spec
+from tasks.storage import sha256_file
 from tasks.validate import validate_model
 
 
@@ -196,6 +199,31 @@ class Conversion:
     def work_prefix(self, precision: str) -> str:
         return work_prefix(self.run_id or f"local-{os.getpid()}-{id(self)}", precision)
 
+    def address(self, target: str) -> EngineAddress:
+        """The conversion's address: the whole package's identity (not just the model) and the spec."""
+        return EngineAddress(self.name, self.sha, target, self.spec.build_key(), self.package.package_sha256)
+
+
+# ---- locks: one conversion per package version, one latest.json writer per package -----------
+@contextmanager
+def package_lock(name: str, kind: str, package_sha: str = "", lease_s: float = 300) -> Iterator[str]:
+    """Hold the Prefect global concurrency limit ``<kind>-<name>[-<package sha12>]`` (one slot).
+
+    Why a Prefect limit rather than a conditional write: it works the same for s3:// and file://
+    buckets (LocalStorage has no compare-and-swap, and S3's If-Match on PUT is not in every
+    S3-compatible store or moto), it covers every way a run starts (watcher, nightly rebuild, UI,
+    CLI) because all of them talk to one Prefect server, and a dead holder's slot is freed when its
+    lease runs out. ``convert``: a second run of the same package version waits for the first and
+    then, normally, is a cache hit. ``latest``: latest.json's read-modify-write cannot lose a
+    concurrent writer's entry.
+    """
+    from prefect.concurrency.sync import concurrency
+
+    limit = f"{kind}-{name}" + (f"-{package_sha[:12]}" if package_sha else "")
+    ensure_gpu_limit(limit, slots=1)  # flows.gpu_slot's creator is generic: creates the limit unless it exists
+    with concurrency(limit, occupy=1, strict=True, lease_duration=lease_s):
+        yield limit
+
 
 # ---- build-engine: in this process or on the gpu pool ----------------------------------------
 def gpu_deployment() -> Optional[str]:
@@ -288,6 +316,7 @@ def convert_precision(conv: Conversion, precision: str) -> PrecisionResult:
     try:
         prepared = prepare_precision(conv.storage, conv.target, conv.spec, conv.package, precision,
                                      conv.report.profiles, conv.workdir)
+        prepared.record["onnx_sha256"] = sha256_file(prepared.onnx_path)  # what the engine was built from
         outcome, gpu_env = engine_via_gpu_pool(conv, precision, prepared)
     except TrtflowError as err:
         get_run_logger().warning("%s %s: %s", conv.name, precision, err)
@@ -317,6 +346,7 @@ def publish_precision(conv: Conversion, address: EngineAddress, r: PrecisionResu
         build_options=conv.spec.build.model_dump(mode="json"), flow_run_id=conv.run_id, spec_key=address.spec_key,
         layers=r.layers, timing_cache=r.outcome.response.get("timing_cache"))
     manifest["eval"] = {"synthetic": conv.eval_set.synthetic, "samples": conv.eval_set.samples}
+    manifest["package"] = conv.package.identity.to_dict()  # every file of the package by sha256
     return publish.publish_engine(conv.storage, address, r.precision, files=r.outcome.files, manifest=manifest)
 
 
@@ -351,7 +381,7 @@ def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) ->
     if not passing:
         raise _no_engine_error(conv.name, results)
     env = passing[0].gpu_env
-    address = EngineAddress(conv.name, conv.sha, env.target, conv.spec.build_key())
+    address = conv.address(env.target)
     published = [publish_precision(conv, address, r) for r in passing]
     best = published[0]  # preference order of spec.precisions
     engines = {p.precision: p.engine_key for p in published}
@@ -359,9 +389,10 @@ def publish_conversion(conv: Conversion, results: Dict[str, PrecisionResult]) ->
                   "flow_run_id": conv.run_id, "precisions": {p: r.to_dict() for p, r in results.items()},
                   "engines": engines, "validated_for": conv.target.to_dict(),
                   "latest": {"precision": best.precision, "engine": best.engine_key, "manifest": best.manifest_key},
-                  "notes": conv.notes, "gpu": env.to_dict()}
+                  "notes": conv.notes, "gpu": env.to_dict(), "package": conv.package.identity.to_dict()}
+    conversion["crashed"] = publish.crashed_precisions(conversion)  # the next run builds these again
     conv_key = publish.write_conversion(conv.storage, address, conversion)
-    latest = publish.write_latest(conv.storage, address, best, conversion=conv_key, flow_run_id=conv.run_id)
+    latest = _write_latest(conv, address, best, conv_key)
     return Publication(best, engines, latest, {p: r.result for p, r in results.items()})
 
 
@@ -381,21 +412,40 @@ def record_published(conv: Conversion, pub: Publication) -> dict:
             "latest": {"precision": best.precision, "engine": best.engine_key}, "results": pub.results}
 
 
+def _write_latest(conv: Conversion, address: EngineAddress, best: publish.PublishedEngine, conv_key: str) -> dict:
+    latest = publish.write_latest(conv.storage, address, best, conversion=conv_key, flow_run_id=conv.run_id,
+                                  uploaded_at=conv.package.uploaded_at, lock=package_lock(conv.name, "latest"))
+    if latest.get("engine") != best.engine_key:
+        get_run_logger().info("latest.json of %s stays on %s: it is a newer upload (%s) than this run's (%s)",
+                              conv.name, latest.get("engine"), latest.get("uploaded_at"), conv.package.uploaded_at)
+    return latest
+
+
 def cached_summary(conv: Conversion, force: bool) -> Optional[dict]:
-    """The earlier conversion for this model, spec and known target, unless forced (cache hit)."""
+    """The earlier conversion of this package version, spec and known target, unless forced (cache hit).
+
+    A hit re-asserts latest.json (so a lost latest write, or a revert to an earlier upload, heals
+    without a rebuild); a record with crashed precisions is no hit (they are built again).
+    """
     if force or conv.target.key is None:  # no GPU worker recorded: the engine's target is not known yet
         return None
-    address = EngineAddress(conv.name, conv.sha, conv.target.key, conv.spec.build_key())
+    address = conv.address(conv.target.key)
     cached = publish.read_conversion(conv.storage, address)
     if not (cached and cached.get("latest")):
         return None
+    crashed = publish.crashed_precisions(cached)
+    if crashed:
+        get_run_logger().info("%s: %s crashed in run %s (infrastructure); building again", conv.name,
+                              ", ".join(crashed), cached.get("flow_run_id"))
+        return None
+    latest = _write_latest(conv, address, publish.published_from_record(conv.storage, cached), cached["key"])
     publish.write_status(conv.storage, name=conv.name, model_sha=conv.sha, status="cached", stage="done",
-                         flow_run_id=conv.run_id, extra={"conversion": cached.get("key"),
+                         flow_run_id=conv.run_id, extra={"conversion": cached.get("key"), "latest": latest.get("engine"),
                                                          "cached_from": cached.get("flow_run_id")})
     create_markdown_artifact(key=_artifact_key(conv.name), markdown=f"# trtflow: {conv.name} — cached\n\n"
-                             f"Engine for model {conv.sha[:12]}, spec {address.spec_key}, {address.target} already "
-                             f"published by flow run {cached.get('flow_run_id')}: `{cached['latest']['engine']}`."
-                             " Pass force=true to rebuild.", description="cache hit")
+                             f"Engine for package {address.identity_sha[:12]}, spec {address.spec_key}, "
+                             f"{address.target} already published by flow run {cached.get('flow_run_id')}: "
+                             f"`{cached['latest']['engine']}`. Pass force=true to rebuild.", description="cache hit")
     get_run_logger().info("cache hit: %s already converted for %s (spec %s)", conv.name, address.target,
                           address.spec_key)
     return {"status": "cached", "model": conv.name, "model_sha": conv.sha, "engines": cached.get("engines", {}),
@@ -425,6 +475,14 @@ def convert_engines(conv: Conversion) -> dict:
         for precision in results:
             engine_stage.remove_work(conv.storage, conv.work_prefix(precision))
     return record_published(conv, publication)
+
+
+def convert_once(conv: Conversion, force: bool) -> dict:
+    """Cache hit or conversion, holding this package version's lock: at most one conversion of one
+    version at a time however it was started; a second run waits, then (unless forced) hits the cache."""
+    get_run_logger().info("%s: taking the conversion lock of package %s", conv.name, conv.package.package_sha256[:12])
+    with package_lock(conv.name, "convert", conv.package.package_sha256):
+        return cached_summary(conv, force) or convert_engines(conv)
 
 
 def _run_name() -> str:
@@ -486,6 +544,15 @@ def record_stopped(flow, flow_run, state) -> None:
         logger.error("could not record the %s status of %s: %s", status, uri, err)
 
 
+def _note_newer_upload(pkg: ModelPackage, seen: str) -> None:
+    """Say so when the package changed after the watcher saw it. The run converts what is there now
+    (its identity is the hash of the bytes it fetches); the watcher starts a run for that upload too,
+    which then is a cache hit, and latest.json follows upload times, so neither run can roll it back."""
+    if seen and pkg.fingerprint != seen:
+        get_run_logger().info("%s changed since watch-bucket saw it (fingerprint %s, now %s); converting the "
+                              "newer upload", pkg.name, seen[:12], pkg.fingerprint[:12])
+
+
 @flow(name="convert-model", flow_run_name=_run_name, log_prints=False, on_cancellation=[record_stopped],
       on_crashed=[record_stopped])
 def convert_model(request: ConvertRequest) -> dict:
@@ -498,6 +565,7 @@ def convert_model(request: ConvertRequest) -> dict:
     run_id = _flow_run_id()
     workdir = _new_workdir()
     storage, pkg = open_model(request.model_uri)  # a bad URI fails here, before anything can be recorded
+    _note_newer_upload(pkg, request.package_fingerprint)
     sha, stage = "", "target"
     try:
         target = resolve_target(storage)
@@ -509,7 +577,7 @@ def convert_model(request: ConvertRequest) -> dict:
         report = validate(package, spec, target)
         conv = Conversion(storage, package, spec, report, target, workdir, run_id)
         stage = "engines"
-        return cached_summary(conv, request.force) or convert_engines(conv)
+        return convert_once(conv, request.force)
     except Exception as err:  # KeyboardInterrupt / cancellation pass: nothing to record
         _record_failure(storage, pkg.name, sha, stage, err, run_id)
         raise

@@ -37,6 +37,9 @@ class ConvertRequest(BaseModel):
         description="Accuracy gates per precision overriding the spec's, e.g. {\"int8\": {\"min_cosine\": 0.98}} "
                     "(keys min_cosine, max_abs, max_rel, min_top1); empty = the spec's")
     force: bool = Field(False, description="Rebuild even when an engine for this model, spec, TensorRT and GPU exists")
+    package_fingerprint: str = Field(
+        "", description="Set by watch-bucket: the listing fingerprint of the package version it saw "
+                        "(tasks.watch_state.package_fingerprint); empty = whatever the bucket holds now")
 
     @field_validator("tolerances")
     @classmethod

@@ -53,7 +53,7 @@ def deployment_submitter(deployment: str = DEFAULT_DEPLOYMENT, tags: Iterable[st
 
 def request_for(storage: Storage, due: Due, force: bool = False) -> dict:
     """The convert-model parameters for one package."""
-    req = ConvertRequest(model_uri=storage.url(due.model_key), force=force)
+    req = ConvertRequest(model_uri=storage.url(due.model_key), force=force, package_fingerprint=due.fingerprint)
     return {"request": req.model_dump(mode="json", exclude_unset=True)}
 
 

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 from tasks.errors import InfraError, TrtflowError
 from tasks.secrets import scrub
 from tasks.gpu_client import GpuEnv, run_gpu
+from tasks.identity import get_checked, put_checked
 from tasks.package import calib_cache_key, timing_cache_key
 from tasks.spec import ModelSpec
 from tasks.storage import Storage
@@ -64,7 +65,7 @@ def engine_request(*, onnx_path: Path, out_dir: Path, precision: str, spec: Mode
         "timing_cache_out": str(timing_cache_out) if timing_cache_out else None,
         "calibration": calibration,
         "eval": {"inputs": str(eval_inputs), "outputs": str(Path(out_dir) / "eval_outputs.npz")} if eval_inputs else None,
-        "bench": {"warmup": spec.bench.warmup, "iterations": spec.bench.iterations} if spec.bench.enabled else None,
+        "bench": spec.bench.gpu_request(),
         "verbose": False,
     }
 
@@ -88,7 +89,8 @@ def fetch_timing_cache(storage: Storage, env: GpuEnv, workdir: Path) -> tuple:
     if info is None:
         return None, None
     dest = Path(workdir) / "timing-cache.in"
-    storage.download(key, dest)
+    if get_checked(storage, key, dest) is None:  # tampered or torn: build without it, then replace it
+        return None, info.etag
     return dest, info.etag
 
 
@@ -117,7 +119,7 @@ def store_timing_cache(storage: Storage, env: GpuEnv, new_cache: Path, base_etag
             # a reason to fail a conversion.
             log.warning("timing cache %s: merging with a concurrent build's copy failed (%s); keeping ours",
                         key, err.message.splitlines()[0])
-    storage.upload(new_cache, key)
+    put_checked(storage, key, new_cache)
     return key
 
 
@@ -130,10 +132,9 @@ def calibrator_cache(storage: Storage, *, name: str, model_sha: str, data_sha: s
     if not target:
         return None, None
     key = calib_cache_key(name, model_sha, data_sha, target)
-    if storage.head(key) is None:
-        return None, key
     dest = Path(workdir) / "calibration.cache.in"
-    storage.download(key, dest)
+    if get_checked(storage, key, dest) is None:  # none, or not the bytes recorded: calibrate again
+        return None, key
     return dest, key
 
 
@@ -159,7 +160,7 @@ def engine_from_onnx(storage: Storage, *, env: GpuEnv, spec: ModelSpec, onnx_pat
         store_timing_cache(storage, env, cache_out, cache_etag, out_dir, spec.build.timeout_s)
     if calibration and calibration.get("cache_key") and Path(calibration["cache_out"]).exists() \
             and not calibration.get("cache_in"):
-        storage.upload(Path(calibration["cache_out"]), calibration["cache_key"])  # reused by the next build
+        put_checked(storage, calibration["cache_key"], Path(calibration["cache_out"]))  # reused by the next build
     (out_dir / "request.json").write_text(json.dumps(_portable(request), indent=2, sort_keys=True))
     (out_dir / "reproduce.sh").write_text(reproduce_script(_portable(request), model_url, env.interpreter))
     files = {"model.plan": out_dir / "model.plan", "build.log": call.log_path, "request.json": out_dir / "request.json",

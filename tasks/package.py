@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 from urllib.parse import unquote, urlparse
 
 from tasks.errors import ModelError
+from tasks.identity import PackageIdentity, identity_of
 from tasks.spec import SPEC_FILENAME
 from tasks.storage import ObjectInfo, Storage, open_storage, sha256_file
 from tasks.watch_state import package_fingerprint
@@ -37,26 +38,41 @@ def check_name(name: str) -> str:
 # ---- keys of the bucket convention -------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineAddress:
-    """Where one conversion's engines live: model name, model sha, GPU/TensorRT target, spec key.
+    """Where one conversion's engines live: model name, package identity, GPU/TensorRT target, spec key.
 
-    The four always travel together (publish, cache hit, latest.json); one object keeps them in step.
+    They always travel together (publish, cache hit, latest.json); one object keeps them in step.
+    ``package_sha`` (tasks.identity.PackageIdentity.sha256: model, external data, spec, calibration
+    and eval data) names the folder, so any changed file of the package is a new address (no cache
+    hit); without one (older callers) the model's sha does.
     """
 
     name: str
     model_sha: str
     target: str  # "sm_90-trt8.6.0"
     spec_key: str
+    package_sha: str = ""
+
+    @property
+    def identity_sha(self) -> str:
+        return self.package_sha or self.model_sha
 
     @property
     def prefix(self) -> str:
-        return conversion_prefix(self.name, self.model_sha, self.target, self.spec_key)
+        return conversion_prefix(self.name, self.identity_sha, self.target, self.spec_key)
 
     @property
     def conversion_key(self) -> str:
-        return conversion_key(self.name, self.model_sha, self.target, self.spec_key)
+        return conversion_key(self.name, self.identity_sha, self.target, self.spec_key)
 
-    def engine_prefix(self, precision: str) -> str:
-        return engine_prefix(self.name, self.model_sha, self.target, self.spec_key, precision)
+    def conversion_record_key(self, record_sha: str) -> str:
+        """One run's conversion record, under its own sha256: latest.json points here, never at the
+        ``conversion.json`` index that a later (forced) run of the same address rewrites."""
+        if not re.fullmatch(r"[0-9a-f]{16,64}", record_sha or ""):
+            raise ValueError(f"record sha256 {record_sha!r} is not a hex digest")
+        return f"{self.prefix}conversions/{record_sha[:16]}.json"
+
+    def engine_prefix(self, precision: str, engine_sha: str) -> str:
+        return engine_prefix(self.name, self.identity_sha, self.target, self.spec_key, precision, engine_sha)
 
 
 def work_prefix(flow_run_id: str, precision: str) -> str:
@@ -73,22 +89,28 @@ def worker_key(worker_id: str) -> str:
     return f"{WORKERS_PREFIX}{check_name(worker_id)}.json"
 
 
-def conversion_prefix(name: str, model_sha: str, target: str, spec_key: str) -> str:
-    """``engines/<name>/<sha[:12]>/<sm_XX>-trt<version>/<spec key>/``; ``target`` is ``sm_90-trt8.6.0``.
+def conversion_prefix(name: str, package_sha: str, target: str, spec_key: str) -> str:
+    """``engines/<name>/<package sha[:12]>/<sm_XX>-trt<version>/<spec key>/``; ``target`` is ``sm_90-trt8.6.0``.
 
-    The spec key (hash of profiles, calibration and build options) is part of the address so that a
-    changed trtflow.yaml never overwrites the engines an older latest.json points at.
+    The package sha covers every file of the package and the spec key (hash of profiles, calibration
+    and build options) the overrides, so a changed model, data or trtflow.yaml never reuses or
+    overwrites the engines an older latest.json points at.
     """
-    return f"{ENGINES_PREFIX}{check_name(name)}/{model_sha[:12]}/{target}/{spec_key}/"
+    return f"{ENGINES_PREFIX}{check_name(name)}/{package_sha[:12]}/{target}/{spec_key}/"
 
 
-def engine_prefix(name: str, model_sha: str, target: str, spec_key: str, precision: str) -> str:
-    return f"{conversion_prefix(name, model_sha, target, spec_key)}{precision}/"
+def engine_prefix(name: str, package_sha: str, target: str, spec_key: str, precision: str, engine_sha: str) -> str:
+    """``<conversion prefix><precision>/<engine sha[:16]>/``: content-addressed, so publishing never
+    overwrites an engine (or the manifest beside it) that a reader may be following; a rebuild that
+    makes other bytes gets another folder."""
+    if not re.fullmatch(r"[0-9a-f]{16,64}", engine_sha or ""):
+        raise ValueError(f"engine sha256 {engine_sha!r} is not a hex digest")
+    return f"{conversion_prefix(name, package_sha, target, spec_key)}{precision}/{engine_sha[:16]}/"
 
 
-def conversion_key(name: str, model_sha: str, target: str, spec_key: str) -> str:
+def conversion_key(name: str, package_sha: str, target: str, spec_key: str) -> str:
     """The record of a finished conversion: its existence is the engine cache hit."""
-    return f"{conversion_prefix(name, model_sha, target, spec_key)}conversion.json"
+    return f"{conversion_prefix(name, package_sha, target, spec_key)}conversion.json"
 
 
 def latest_key(name: str) -> str:
@@ -148,6 +170,21 @@ class LocalPackage:
     model_etag: str
     model_size: int
     source_uri: str
+    identity: PackageIdentity = field(default_factory=PackageIdentity)
+
+    @property
+    def package_sha256(self) -> str:
+        """Every file of the package (tasks.identity); the model's sha where no identity was taken."""
+        return self.identity.sha256 if self.identity.files else self.model_sha256
+
+    @property
+    def weights_sha256(self) -> str:
+        """The model with its external data (keys of Q/DQ models and calibration caches)."""
+        return self.identity.weights_sha256 if self.identity.files else self.model_sha256
+
+    @property
+    def uploaded_at(self) -> str:
+        return self.identity.uploaded_at
 
     @property
     def spec_path(self) -> Optional[Path]:
@@ -202,6 +239,7 @@ def fetch_package(storage: Storage, pkg: ModelPackage, workdir: Path) -> LocalPa
     root = Path(workdir) / pkg.name
     root.mkdir(parents=True, exist_ok=True)
     model_info = None
+    infos = []
     for obj in pkg.files:
         rel = pkg.relative(obj.key)
         dest = (root / rel).resolve()
@@ -209,13 +247,17 @@ def fetch_package(storage: Storage, pkg: ModelPackage, workdir: Path) -> LocalPa
             raise ModelError(f"package file {obj.key!r} would land outside the package folder.",
                              fix="Rename the object.")
         info = storage.download(obj.key, dest)
+        infos.append(info)
         if obj.key == pkg.model_key:
             model_info = info
     model_path = root / pkg.relative(pkg.model_key)
     if model_info is None:
         raise ModelError(f"{storage.url(pkg.model_key)} is missing.", fix="Upload the model file.")
-    return LocalPackage(pkg.name, root, model_path, sha256_file(model_path), model_info.etag, model_info.size,
-                        storage.url(pkg.model_key))
+    # The upload time is that of the bytes downloaded (not the listing's): it orders this version
+    # against others of the package in latest.json (tasks.publish.write_latest).
+    identity = identity_of(root, max(i.modified for i in infos))
+    return LocalPackage(pkg.name, root, model_path, identity.files[model_path.relative_to(root).as_posix()],
+                        model_info.etag, model_info.size, storage.url(pkg.model_key), identity)
 
 
 @dataclass(frozen=True)

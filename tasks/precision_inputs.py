@@ -70,7 +70,7 @@ def prepare(storage: Storage, *, tensorrt: str, caps: compat.Caps, target_key: O
                               Path(workdir) / "calib-batches", profiles=profiles, limits=spec.limits)
         from tasks.engine import calibrator_cache
 
-        cache_in, key = calibrator_cache(storage, name=package.name, model_sha=package.model_sha256,
+        cache_in, key = calibrator_cache(storage, name=package.name, model_sha=package.weights_sha256,
                                          data_sha=data.sha256, target=target_key,
                                          workdir=workdir)
         cache_out = Path(workdir) / "calibration.cache"
@@ -79,7 +79,7 @@ def prepare(storage: Storage, *, tensorrt: str, caps: compat.Caps, target_key: O
                         calibrator={"batches": [str(b) for b in batches], "cache_in": str(cache_in) if cache_in else None,
                                     "cache_out": str(cache_out), "cache_key": key},
                         record=record)
-    key = quantize.qdq_cache_key(package.name, package.model_sha256, data.sha256, spec, tensorrt=tensorrt)
+    key = quantize.qdq_cache_key(package.name, package.weights_sha256, data.sha256, spec, tensorrt=tensorrt)
     qdq_path = Path(workdir) / "model.qdq.onnx"
     reused = quantize.fetch_cached_qdq(storage, key, qdq_path)
     if not reused:

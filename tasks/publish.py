@@ -2,26 +2,32 @@
 
 Order matters: every engine's files go up before its manifest, the conversion record after all
 engines, and ``latest.json`` last, so a reader that follows ``latest.json`` never meets a
-half-published engine. Status records (``_trtflow/status/<name>/<sha>.json``) are written for every
+half-published engine. Engines and manifests are never overwritten: they live under their
+engine's sha256 (``tasks.package.engine_prefix``) and are written only where nothing is yet, so
+a forced or concurrent rebuild that makes other bytes writes other keys, and one that makes the
+same bytes finds them there. ``latest.json`` names the engine of the newest upload of the
+package (see :func:`write_latest`). Status records (``_trtflow/status/<name>/<sha>.json``) are written for every
 outcome, failures included, with the reason and its fix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
 import socket
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import ContextManager, Dict, List, Optional
 
 import psutil
 
 from tasks.errors import TrtflowError
 from tasks.package import EngineAddress, latest_key, status_key
 from tasks.secrets import scrub
-from tasks.storage import Storage
+from tasks.storage import Storage, sha256_file
 
 MANIFEST_SCHEMA = "trtflow.manifest/v1"
 CONVERSION_SCHEMA = "trtflow.conversion/v1"
@@ -100,48 +106,95 @@ def build_manifest(*, name: str, package, spec, gpu_env: dict, precision: str, e
 
 def publish_engine(storage: Storage, address: EngineAddress, precision: str, files: Dict[str, Path],
                    manifest: dict) -> PublishedEngine:
-    """Upload an engine's files, then its manifest (content-addressed by model sha, target and spec).
+    """Upload an engine's files, then its manifest, under the engine's sha256; nothing is overwritten.
 
     Args:
         files: bucket file name -> local path; must hold ``model.plan``; may hold build.log,
             layers.json, reproduce.sh, request.json.
     """
-    prefix = address.engine_prefix(precision)
-    for fname, path in sorted(files.items(), key=lambda kv: kv[0] != "model.plan"):
-        if path is not None and Path(path).exists():
-            storage.upload(Path(path), prefix + fname)
-    manifest = dict(manifest, files={f: prefix + f for f, p in files.items() if p is not None and Path(p).exists()})
-    storage.write_json(prefix + "manifest.json", manifest)
-    return PublishedEngine(precision, prefix, prefix + "model.plan", prefix + "manifest.json",
-                           storage.url(prefix + "model.plan"), manifest)
+    engine_sha = sha256_file(Path(files["model.plan"]))
+    prefix = address.engine_prefix(precision, engine_sha)
+    present = [f for f, p in files.items() if p is not None and Path(p).exists()]
+    for fname in sorted(present, key=lambda f: f != "model.plan"):  # the engine first
+        _write_once(storage, prefix + fname, lambda key, f=fname: storage.upload(Path(files[f]), key))
+    manifest = dict(manifest, files={f: prefix + f for f in present})
+    manifest["engine"] = dict(manifest.get("engine") or {}, sha256=engine_sha)
+    key = prefix + "manifest.json"
+    if not _write_once(storage, key, lambda k: storage.write_json(k, manifest)):
+        manifest = storage.read_json(key) or manifest  # the same engine was published before: keep its manifest
+    return PublishedEngine(precision, prefix, prefix + "model.plan", key, storage.url(prefix + "model.plan"), manifest)
+
+
+def _write_once(storage: Storage, key: str, write) -> bool:
+    """Write ``key`` unless it exists. The key is content-addressed, so an existing object holds the
+    same engine; the per-version conversion lock (flows.convert) keeps two writers off one folder,
+    so head-then-write needs no conditional put (which LocalStorage and moto lack)."""
+    if storage.head(key) is not None:
+        return False
+    write(key)
+    return True
 
 
 def write_conversion(storage: Storage, address: EngineAddress, record: dict) -> str:
-    key = address.conversion_key
-    storage.write_json(key, dict(record, key=key, schema=CONVERSION_SCHEMA, written_at=now()))
+    """Write the run's record under its own sha256, then ``conversion.json`` (the cache-hit index) as
+    a copy of it. Returns the immutable key (what latest.json names)."""
+    body = dict(record, schema=CONVERSION_SCHEMA, written_at=now(), index=address.conversion_key)
+    sha = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    key = address.conversion_record_key(sha)
+    storage.write_json(key, dict(body, key=key))
+    storage.write_json(address.conversion_key, dict(body, key=key))
     return key
 
 
 def read_conversion(storage: Storage, address: EngineAddress) -> Optional[dict]:
-    """The finished conversion for this exact model, spec, TensorRT and GPU, if one exists (cache hit)."""
+    """The finished conversion for this exact package, spec, TensorRT and GPU, if one exists (cache hit)."""
     return storage.read_json(address.conversion_key)
 
 
-def write_latest(storage: Storage, address: EngineAddress, best: PublishedEngine, conversion: str,
-                 flow_run_id: Optional[str]) -> dict:
-    """Point ``latest.json`` at the best engine for ``target``, keeping other targets' entries.
+def crashed_precisions(record: dict) -> List[str]:
+    """Precisions of a conversion record that ended in an infrastructure error (crash, OOM, lost worker).
 
-    Written last. Readers pick their GPU/TensorRT target; ``default`` is the newest target written.
+    Such a record is no cache hit: the crash happened to that run, not to the model, so the next run
+    with the same identity builds them again and decides latest anew.
+    """
+    return [p for p, r in (record.get("precisions") or {}).items()
+            if r.get("result") == "failed" and (r.get("error") or {}).get("kind") == "infra"]
+
+
+def published_from_record(storage: Storage, record: dict) -> PublishedEngine:
+    """The best engine a conversion record names (to re-assert latest.json on a cache hit)."""
+    best = record["latest"]
+    return PublishedEngine(best["precision"], best["engine"].rsplit("/", 1)[0] + "/", best["engine"],
+                           best["manifest"], storage.url(best["engine"]))
+
+
+def write_latest(storage: Storage, address: EngineAddress, best: PublishedEngine, conversion: str,
+                 flow_run_id: Optional[str], uploaded_at: str = "",
+                 lock: Optional[ContextManager] = None) -> dict:
+    """Point ``latest.json``'s ``address.target`` entry at ``best`` unless a newer upload is already there.
+
+    "Newest" is the package's upload time (``uploaded_at``, newest LastModified of its files), not
+    the order in which runs finish: an older upload's run that ends last leaves latest alone, and a
+    revert (older bytes uploaded again: a newer upload of known content) wins. Equal times (a forced
+    rebuild of the same upload) take the newer run. Other targets' entries are kept; ``default`` is
+    the target written last. ``lock`` guards the read-modify-write against concurrent writers
+    (flows.convert passes a per-package Prefect concurrency limit). Returns what latest.json holds.
     """
     key = latest_key(address.name)
-    current = storage.read_json(key) or {}
-    targets = dict(current.get("targets") or {})
-    entry = {"model_sha256": address.model_sha, "precision": best.precision, "engine": best.engine_key,
-             "manifest": best.manifest_key, "conversion": conversion, "flow_run_id": flow_run_id,
-             "published_at": now()}
-    targets[address.target] = entry
-    latest = {"schema": LATEST_SCHEMA, "name": address.name, "default": address.target, "targets": targets, **entry}
-    storage.write_json(key, latest)
+    with lock or nullcontext():
+        current = storage.read_json(key) or {}
+        targets = dict(current.get("targets") or {})
+        held = targets.get(address.target) or {}
+        if uploaded_at and (held.get("uploaded_at") or "") > uploaded_at:
+            return current
+        entry = {"model_sha256": address.model_sha, "package_sha256": address.package_sha,
+                 "uploaded_at": uploaded_at, "precision": best.precision, "engine": best.engine_key,
+                 "manifest": best.manifest_key, "conversion": conversion, "flow_run_id": flow_run_id,
+                 "published_at": now()}
+        targets[address.target] = entry
+        latest = {"schema": LATEST_SCHEMA, "name": address.name, "default": address.target, "targets": targets,
+                  **entry}
+        storage.write_json(key, latest)
     return latest
 
 

@@ -162,10 +162,28 @@ class Build(_Strict):
 
 
 class Bench(_Strict):
+    """How engines are timed (tasks/gpu/bench.py; docs/benchmarks.md explains the method)."""
+
     enabled: bool = True
-    warmup: int = Field(20, ge=0, le=10_000)
-    iterations: int = Field(200, ge=1, le=100_000)
+    warmup: int = Field(20, ge=0, le=10_000, description="unused since warm-up is by time (warmup_ms); kept so old specs load")
+    warmup_ms: float = Field(200.0, ge=0, le=600_000, description="warm-up by time before any figure is taken")
+    window_ms: float = Field(1000.0, gt=0, le=600_000, description="total time of the enqueue-ahead throughput windows")
+    windows: int = Field(5, ge=1, le=1000, description="throughput windows; their CoV is the stability figure")
+    iterations: int = Field(200, ge=1, le=100_000, description="latency samples (GPU compute and host)")
+    cuda_graph: bool = Field(True, description="capture the inference in a CUDA graph where the engine allows it")
+    cov_limit: float = Field(0.05, gt=0, description="re-run the windows while their CoV is above this")
+    max_reruns: int = Field(2, ge=0, le=100)
+    layer_times: bool = Field(False, description="per-layer times (TensorRT IProfiler) into layer_times.json")
+    sweep: Union[bool, List[int]] = Field(
+        True, description="batch sweep: true = min, powers of two, opt, max of the profile; or a list of batches")
+    p99_target_ms: Optional[float] = Field(None, gt=0, description="report the largest batch whose GPU p99 is within this")
     ort_iterations: int = Field(20, ge=1, le=10_000, description="ONNX Runtime CPU runs for the speedup figure")
+
+    def gpu_request(self) -> Optional[dict]:
+        """The GPU protocol's ``bench`` request (tasks/gpu/bench.py BenchSettings), None when disabled."""
+        if not self.enabled:
+            return None
+        return self.model_dump(mode="json", exclude={"enabled", "warmup", "ort_iterations"})
 
 
 class Limits(_Strict):

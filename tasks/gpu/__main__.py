@@ -25,16 +25,24 @@ python, interpreter, gpu_uuid, memory_total_mib, caps: {...}}}`` (``caps``: task
     timing_cache_in    path or null (loaded if present);  timing_cache_out: path or null
     calibration        {"batches": [npz], "cache_in": path|null, "cache_out": path} | null (calibrator mode)
     eval               {"inputs": npz "<i>:<input>", "outputs": npz to write "<i>:<output>"} | null
-    bench              {"warmup": int, "iterations": int, "shape": null | {input: shape}} | null
+    bench              null, or tasks/gpu/bench.py BenchSettings: {"warmup_ms", "window_ms", "windows",
+                       "iterations", "cuda_graph", "cov_limit", "max_reruns", "layer_times",
+                       "sweep": bool | [batch sizes], "p99_target_ms", "shape": null | {input: shape},
+                       "layer_times_path": null (default <out_dir>/layer_times.json)}; all optional
     verbose            bool
 
 -> ``{"env", "engine": {path, bytes, sha256, build_seconds, strongly_typed, typing, deprecations,
 builder_flags, profiles, io}, "timing_cache": {loaded_bytes, saved_bytes}, "layers": {path, precisions}, "calibration":
-{cache_bytes, reused} | null, "eval": {outputs, calls, seconds} | null, "bench": {shape, batch,
-iterations, latency_ms: {mean, p50, p90, p99, min, max}, throughput_per_s, device_memory_bytes} | null}``
+{cache_bytes, reused} | null, "eval": {outputs, calls, seconds} | null, "bench": {method, shape, batch,
+iterations, warmup_ms, cuda_graph: {used, reason}, throughput_per_s (enqueue-ahead), throughput: {per_s,
+windows_per_s, cov, stable, reruns, attempt_covs, inferences_per_window, windows}, latency_ms (GPU compute:
+{mean, p50, p90, p99, min, max}), host_latency_ms, h2d_ms, d2h_ms (same keys), device_memory_bytes,
+activation_bytes, io_bytes, sweep: {input, points: [{batch, throughput_per_s, cov, latency_ms: {p50, p99},
+host_latency_ms: {p50, p99}, cuda_graph, device_memory_bytes, activation_bytes, io_bytes}], p99_target_ms,
+largest_batch_under_target} | null, layer_times: {path, layers, total_ms} | null} | null}``
 
-``run`` ``{"engine_path", "version_compatible"?, "eval"?, "bench"?}`` -> ``{"env", "eval", "bench"}``:
-eval/benchmark an engine built earlier (e.g. at another batch size).
+``run`` ``{"engine_path", "version_compatible"?, "eval"?, "bench"?}`` -> ``{"env", "io", "eval", "bench"}``:
+eval/benchmark an engine built earlier (e.g. at another batch size; layer times beside the engine).
 
 ``merge-cache`` ``{"caches": [paths], "out": path}`` -> ``{"out", "bytes", "combined", "skipped",
 "missing"}``: combine timing caches (ITimingCache.combine, ignore_mismatch) into ``out``.
@@ -81,7 +89,7 @@ def probe(request: Dict[str, Any]) -> Dict[str, Any]:
     return {"env": env}
 
 
-def _eval_and_bench(runner: Any, request: Dict[str, Any]) -> Dict[str, Any]:
+def _eval_and_bench(runner: Any, request: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     from tasks.gpu.bench import bench_engine
     from tasks.gpu.check import run_eval
 
@@ -91,7 +99,7 @@ def _eval_and_bench(runner: Any, request: Dict[str, Any]) -> Dict[str, Any]:
         out["eval"] = run_eval(runner, str(ev["inputs"]), str(ev["outputs"]))
     b = request.get("bench")
     if b:
-        out["bench"] = bench_engine(runner, int(b.get("warmup", 20)), int(b.get("iterations", 200)), b.get("shape"))
+        out["bench"] = bench_engine(runner, b, layers_path=Path(b.get("layer_times_path") or out_dir / "layer_times.json"))
     return out
 
 
@@ -111,7 +119,7 @@ def engine(request: Dict[str, Any]) -> Dict[str, Any]:
     if request.get("eval") or request.get("bench"):
         runner = EngineRunner(built.engine, trt=trt, runtime=built.runtime)
         try:
-            response.update(_eval_and_bench(runner, request))
+            response.update(_eval_and_bench(runner, request, Path(request["out_dir"])))
         finally:
             runner.close()
     return response
@@ -132,7 +140,7 @@ def run(request: Dict[str, Any]) -> Dict[str, Any]:
 
     response["io"] = engine_io(trt, runner.engine)
     try:
-        response.update(_eval_and_bench(runner, request))
+        response.update(_eval_and_bench(runner, request, Path(str(request["engine_path"])).parent))
     finally:
         runner.close()
     return response

@@ -249,3 +249,64 @@ def cuda_api() -> Any:
 def backend_name() -> str:
     """"pycuda" or "cuda-python": the backend ``cuda_api`` chose ("" before it was called)."""
     return _CHOSEN[0][0] if _CHOSEN else ""
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------------
+# Through the driver API with ctypes rather than each binding's own graph API: pycuda's graph calls
+# differ between its releases and are missing from older ones, cuda-python's differ again; the driver
+# entry points below are stable since CUDA 11.4 and take the same stream handle both backends expose.
+_CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1  # other threads may still call unsafe APIs (the Prefect worker's)
+
+
+def _libcuda() -> Any:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _check(lib: Any, result: int, what: str) -> None:
+    if int(result) != 0:
+        name = ctypes.c_char_p()
+        lib.cuGetErrorName(int(result), ctypes.byref(name))
+        raise InfraError(f"CUDA {what} failed: {(name.value or b'?').decode()} ({int(result)})",
+                         fix="The benchmark falls back to plain enqueues; nothing to do unless it repeats.")
+
+
+class CudaGraph:
+    """An instantiated CUDA graph captured from one stream: ``launch(stream)``, ``close()``."""
+
+    def __init__(self, lib: Any, graph: Any, graph_exec: Any) -> None:
+        self._lib, self._graph, self._exec = lib, graph, graph_exec
+
+    def launch(self, stream: Any) -> None:
+        _check(self._lib, self._lib.cuGraphLaunch(self._exec, ctypes.c_void_p(int(stream.handle))), "cuGraphLaunch")
+
+    def close(self) -> None:
+        if self._exec:
+            self._lib.cuGraphExecDestroy(self._exec)
+            self._lib.cuGraphDestroy(self._graph)
+            self._exec = self._graph = None
+
+
+def capture_graph(stream: Any, enqueue: Any) -> CudaGraph:
+    """Capture ``enqueue()`` (e.g. one ``execute_async_v3``) on ``stream`` into an instantiated graph.
+
+    Raises:
+        InfraError (or whatever ``enqueue`` raises): no libcuda, or the work cannot be captured
+        (TensorRT refuses for some engines, e.g. data-dependent shapes or host-synchronising
+        plugins); the capture is always ended so the stream stays usable.
+    """
+    lib = _libcuda()
+    handle = ctypes.c_void_p(int(stream.handle))
+    _check(lib, lib.cuStreamBeginCapture_v2(handle, ctypes.c_int(_CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)),
+           "cuStreamBeginCapture")
+    graph = ctypes.c_void_p()
+    try:
+        enqueue()
+    finally:
+        ended = lib.cuStreamEndCapture(handle, ctypes.byref(graph))
+    _check(lib, ended, "cuStreamEndCapture")
+    graph_exec = ctypes.c_void_p()
+    result = lib.cuGraphInstantiateWithFlags(ctypes.byref(graph_exec), graph, ctypes.c_ulonglong(0))
+    if int(result) != 0:
+        lib.cuGraphDestroy(graph)
+        _check(lib, result, "cuGraphInstantiateWithFlags")
+    return CudaGraph(lib, graph, graph_exec)

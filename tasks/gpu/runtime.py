@@ -195,7 +195,9 @@ class EngineRunner:
                                  fix="Export the model with that input as a constant or an ordinary tensor.")
         self._buffers: Dict[str, _Buffer] = {name: _Buffer(self.cuda) for name in self.inputs + self.outputs}
         self._out_shapes: Dict[str, Tuple[int, ...]] = {}
+        self._in_shapes: Dict[str, Tuple[int, ...]] = {}
         self._profile = 0
+        self._kept: List[Any] = []
 
     @classmethod
     def from_file(cls, path: str, logger: Any = None, version_compatible: bool = False) -> "EngineRunner":
@@ -262,6 +264,7 @@ class EngineRunner:
         arrays = {n: coerce_input(n, feeds[n], self.dtypes[n]) for n in self.inputs}
         shapes = {n: tuple(int(d) for d in a.shape) for n, a in arrays.items()}
         profile = self._pick_profile(shapes)
+        self._in_shapes = shapes
         if profile != self._profile:
             self.context.set_optimization_profile_async(profile, self.stream.handle)
             self._profile = profile
@@ -294,8 +297,18 @@ class EngineRunner:
             raise InfraError("TensorRT could not enqueue the inference (execute_async_v3 returned false).",
                              fix="See build.log for TensorRT's error; retry on another worker if it is a CUDA error.")
 
-    def fetch(self) -> Dict[str, np.ndarray]:
-        """Copy the outputs back (async), wait for the stream, return copies."""
+    def upload(self) -> None:
+        """Enqueue the H2D copies of the inputs as last set (from their page-locked buffers): what the
+        benchmark times as host-to-device."""
+        for name in self.inputs:
+            buf = self._buffers[name]
+            view = buf.view(self.dtypes[name], self._in_shapes[name])
+            if view.nbytes:
+                self.cuda.memcpy_htod_async(buf.device, view, self.stream)
+
+    def download(self) -> Dict[str, np.ndarray]:
+        """Enqueue the D2H copies of the outputs into their page-locked buffers; returns the views
+        (valid after the stream synchronises)."""
         views = {}
         for name in self.outputs:
             buf = self._buffers[name]
@@ -303,8 +316,37 @@ class EngineRunner:
             if view.nbytes:
                 self.cuda.memcpy_dtoh_async(view, buf.device, self.stream)
             views[name] = view
+        return views
+
+    def fetch(self) -> Dict[str, np.ndarray]:
+        """Copy the outputs back (async), wait for the stream, return copies."""
+        views = self.download()
         self.stream.synchronize()
         return {name: np.array(view, copy=True) for name, view in views.items()}
+
+    def keep(self, resource: Any) -> None:
+        """Hold ``resource`` (a CUDA graph) until close(): it refers to this runner's buffers."""
+        self._kept.append(resource)
+
+    def io_bytes(self) -> int:
+        """Bytes of the input and output tensors at the shapes last set."""
+        total = 0
+        for name, shape in list(self._in_shapes.items()) + list(self._out_shapes.items()):
+            total += int(np.prod(shape)) * self.dtypes[name].itemsize
+        return total
+
+    def activation_bytes(self) -> int:
+        """Activation memory for the shapes last set where TensorRT reports it per shape (10.1+:
+        ``update_device_memory_size_for_shapes``), else the engine's worst case over its profiles."""
+        update = getattr(self.context, "update_device_memory_size_for_shapes", None)
+        if update is not None:
+            try:
+                value = int(update())
+                if value > 0:
+                    return value
+            except Exception as err:  # noqa: BLE001 - older bindings or a static allocation strategy
+                log.debug("update_device_memory_size_for_shapes unavailable: %s", err)
+        return self.device_memory_bytes()
 
     def run(self, feeds: Dict[str, Any]) -> Dict[str, np.ndarray]:
         """One inference: ``{input name: array}`` -> ``{output name: array}``."""
@@ -315,6 +357,9 @@ class EngineRunner:
     def close(self) -> None:
         """Free the device buffers and the context now (while the CUDA context is still current)."""
         self.stream.synchronize()
+        for resource in self._kept:
+            resource.close()
+        self._kept = []
         for buf in self._buffers.values():
             if buf.device is not None:
                 buf.device.free()

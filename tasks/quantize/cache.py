@@ -1,4 +1,4 @@
-"""Q/DQ models in the bucket, keyed by model, data and recipe: each is made once."""
+"""Q/DQ models in the bucket, keyed by model, data and recipe: each is made once, checked by sha256 on use."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from tasks.identity import get_checked, put_checked
 from tasks.package import qdq_key
 from tasks.spec import ModelSpec
 from tasks.storage import Storage
@@ -26,29 +27,33 @@ class QdqCache:
         return self.key + ".stats.json"
 
     def get(self, dest: Union[str, Path]) -> Optional[QuantizeResult]:
-        """Download the model to ``dest`` (statistics beside it); None when the bucket has no complete entry."""
+        """Download the model to ``dest`` (statistics beside it); None when the bucket has no complete
+        entry or its model or external data does not match the recorded sha256 (tampered, torn): the
+        caller then quantises again and overwrites the entry."""
         if self.storage.head(self.key) is None or self.storage.head(self.stats_key) is None:
             return None
         dest = Path(dest)
-        self.storage.download(self.key, dest)
-        if self.storage.head(self.key + ".data") is not None:
-            self.storage.download(self.key + ".data", dest.with_name(dest.name + ".data"))
+        if get_checked(self.storage, self.key, dest) is None:
+            return None
+        if self.storage.head(self.key + ".data") is not None \
+                and get_checked(self.storage, self.key + ".data", dest.with_name(dest.name + ".data")) is None:
+            return None
         stats = stats_path_for(dest)
         self.storage.download(self.stats_key, stats)
         record = json.loads(stats.read_text()).get("result", {})
         result = QuantizeResult.from_dict(record)
         result.out_path, result.stats_path = str(dest), str(stats)
-        log.info("reusing Q/DQ model %s", self.storage.url(self.key))
+        log.info("reusing Q/DQ model %s (sha256 checked)", self.storage.url(self.key))
         return result
 
     def put(self, result: QuantizeResult) -> str:
-        """Upload the model (and external data) first and the statistics last: a reader that finds the
-        statistics finds a complete entry."""
+        """Upload the model (and external data) with their sha256 records first and the statistics
+        last: a reader that finds the statistics finds a complete entry."""
         path = Path(result.out_path)
         data = path.with_name(path.name + ".data")
         if data.exists():
-            self.storage.upload(data, self.key + ".data")
-        self.storage.upload(path, self.key, content_type="application/octet-stream")
+            put_checked(self.storage, self.key + ".data", data)
+        put_checked(self.storage, self.key, path, content_type="application/octet-stream")
         self.storage.upload(Path(result.stats_path or stats_path_for(path)), self.stats_key,
                             content_type="application/json")
         return self.storage.url(self.key)

@@ -3,6 +3,8 @@
 It lets the flows run end to end on a CPU machine. The "engine" it writes is the ONNX file behind a
 header that says so; its benchmark times onnxruntime on the CPU. Knobs (environment):
   TRTFLOW_DOUBLE_FAIL=crash|model|oom     fail every engine call that way
+  TRTFLOW_DOUBLE_FAIL_ONLY=fp16           ... but only builds of that precision
+  TRTFLOW_DOUBLE_NONDETERMINISTIC=1       each build's plan differs (as TensorRT's tactic choice can)
   TRTFLOW_DOUBLE_NOISE_<PRECISION>=0.5    add that much relative noise to that precision's outputs
   TRTFLOW_DOUBLE_TRT_VERSION=10.8.0       the TensorRT version its probe reports (default 0.0.0-double)
   TRTFLOW_DOUBLE_TRACE=<file>             append "<verb> <precision> <start> <end>" lines (concurrency tests)
@@ -35,6 +37,8 @@ def _engine(req: dict) -> dict:
     import onnxruntime as ort
 
     fail = os.environ.get("TRTFLOW_DOUBLE_FAIL")
+    if os.environ.get("TRTFLOW_DOUBLE_FAIL_ONLY", req["precision"]) != req["precision"]:
+        fail = None
     block = os.environ.get("TRTFLOW_DOUBLE_BLOCK")
     if block:
         Path(block).write_text(str(os.getpid()))
@@ -57,6 +61,8 @@ def _engine(req: dict) -> dict:
     with open(plan, "wb") as f:
         f.write(DOUBLE_HEADER)
         f.write(Path(req["onnx_path"]).read_bytes())
+        if os.environ.get("TRTFLOW_DOUBLE_NONDETERMINISTIC"):
+            f.write(os.urandom(16))
     if req.get("timing_cache_out"):
         prior = Path(req["timing_cache_in"]).read_bytes() if req.get("timing_cache_in") and Path(req["timing_cache_in"]).exists() else b""
         Path(req["timing_cache_out"]).write_bytes(prior + b"double-cache-entry\n")

@@ -83,7 +83,12 @@ def test_publishes_engine_manifest_and_latest_last(prefect_harness, gpu_double, 
     assert manifest["benchmark"]["tensorrt"]["latency_ms"]["p50"] > 0
     assert manifest["flow_run_id"]
     assert {"model.plan", "build.log", "reproduce.sh", "request.json"} <= set(manifest["files"])
-    assert latest["engine"].startswith(f"engines/cnn/{sha[:12]}/sm_00-trt0.0.0-double/")
+    # addressed by the whole package's identity, the engine's folder by its own sha256
+    assert manifest["package"]["files"] == {"cnn.onnx": sha}
+    assert latest["package_sha256"] == manifest["package"]["sha256"]
+    engine_sha = manifest["engine"]["sha256"]
+    assert latest["engine"].startswith(f"engines/cnn/{latest['package_sha256'][:12]}/sm_00-trt0.0.0-double/")
+    assert latest["engine"].endswith(f"/fp16/{engine_sha[:16]}/model.plan")
     # ordering: engine before its manifest, conversion record after the engines, latest.json last
     engine_writes = [k for k in write_log if k.startswith("engines/")]
     assert engine_writes[-1] == latest_key("cnn")

@@ -33,7 +33,9 @@ def test_new_model_starts_once_after_settling(bucket):
         assert poll_once(bucket, SETTLE, rec, now=later).started == []
     assert rec.names == ["a"]
     due, params = rec.calls[0]
-    assert params == {"request": {"model_uri": bucket.url("models/a.onnx"), "force": False}}
+    assert params == {"request": {"model_uri": bucket.url("models/a.onnx"), "force": False,
+                                  "package_fingerprint": due.fingerprint}}
+    assert due.fingerprint
     assert due.idempotency_key == f"a-{due.version[:16]}"
 
 
@@ -274,10 +276,13 @@ def test_any_file_of_the_package_is_a_new_fingerprint_and_a_new_run(bucket, chan
     put(bucket.root, f"models/w/{changed}", b"new bytes of " + changed.encode(), T0 + 100)  # only this file
     poll_once(bucket, SETTLE, rec, now=T0 + 101)
     poll_once(bucket, SETTLE, rec, now=T0 + 140)
-    (first, _), (second, _) = rec.calls
+    (first, first_params), (second, second_params) = rec.calls
     assert first.fingerprint and second.fingerprint and first.fingerprint != second.fingerprint
     (pkg,) = list_packages(bucket)
     assert second.fingerprint == package_fingerprint(pkg.files)
+    # convert-model is told which version the watcher saw
+    assert first_params["request"]["package_fingerprint"] == first.fingerprint
+    assert second_params["request"]["package_fingerprint"] == second.fingerprint
 
 
 def test_single_file_packages_fingerprint_their_external_data(bucket):

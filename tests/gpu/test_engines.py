@@ -160,7 +160,10 @@ def test_small_cnn_dynamic_batch_matches_onnxruntime(precision, tmp_path):
           f"{b['throughput_per_s']:.0f} samples/s, device memory {b['device_memory_bytes']} B")
     assert b["batch"] == 8 and b["iterations"] == 100 and b["shape"] == {"images": [8, 3, 32, 32]}
     assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] < 1000
-    assert b["throughput_per_s"] == pytest.approx(8 * 1000.0 / lat["mean"], rel=1e-3)
+    # Throughput is measured enqueue-ahead over time windows (trtexec's way), so it is at least what one
+    # inference at a time implies (less 10% for window noise), and it says how it was measured.
+    assert b["throughput_per_s"] >= 0.9 * 8 * 1000.0 / lat["mean"]
+    assert b["throughput"]["cov"] >= 0 and "used" in b["cuda_graph"]
     assert b["device_memory_bytes"] >= 0
 
     # The same plan again through the `run` verb: another batch inside the profile, and one outside it.

@@ -123,7 +123,7 @@ def test_parse_model_uri_rejects(uri, match):
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "-dash", "a..b", "", "x" * 129, "a b", "naïve"])
 def test_hostile_names_are_rejected_everywhere(name):
-    for fn in (check_name, latest_key, lambda n: engine_prefix(n, "0" * 64, "sm_90-trt8.6.0", "abc123", "fp16"),
+    for fn in (check_name, latest_key, lambda n: engine_prefix(n, "0" * 64, "sm_90-trt8.6.0", "abc123", "fp16", "f" * 64),
                lambda n: status_key(n, "abc"), lambda n: qdq_key(n, "a", "b", "minmax")):
         with pytest.raises(ModelError, match="not allowed"):
             fn(name)
@@ -131,8 +131,10 @@ def test_hostile_names_are_rejected_everywhere(name):
 
 def test_bucket_convention_keys():
     sha = "0123456789abcdef" * 4
-    assert (engine_prefix("resnet", sha, "sm_90-trt8.6.0", "5pec5pec5pec", "int8")
-            == "engines/resnet/0123456789ab/sm_90-trt8.6.0/5pec5pec5pec/int8/")
+    assert (engine_prefix("resnet", sha, "sm_90-trt8.6.0", "5pec5pec5pec", "int8", "fedcba9876543210" * 4)
+            == "engines/resnet/0123456789ab/sm_90-trt8.6.0/5pec5pec5pec/int8/fedcba9876543210/")
+    with pytest.raises(ValueError, match="not a hex digest"):  # an engine folder is always named by its bytes
+        engine_prefix("resnet", sha, "sm_90-trt8.6.0", "5pec5pec5pec", "int8", "")
     assert (conversion_key("resnet", sha, "sm_90-trt8.6.0", "5pec5pec5pec")
             == "engines/resnet/0123456789ab/sm_90-trt8.6.0/5pec5pec5pec/conversion.json")
     assert latest_key("resnet") == "engines/resnet/latest.json"

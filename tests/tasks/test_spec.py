@@ -140,3 +140,16 @@ def test_spec_is_immutable():
     spec = ModelSpec()
     with pytest.raises(Exception):
         spec.build.workspace_mib = 1  # frozen: a spec cannot change under a running flow
+
+
+def test_bench_keys_reach_the_gpu_request_and_stay_out_of_the_build_key():
+    spec = parse_spec({"bench": {"sweep": [1, 8, 64], "p99_target_ms": 7.5, "cuda_graph": False, "window_ms": 500}})
+    req = spec.bench.gpu_request()
+    assert req["sweep"] == [1, 8, 64] and req["p99_target_ms"] == 7.5 and req["cuda_graph"] is False
+    assert req["window_ms"] == 500 and req["warmup_ms"] == 200 and req["layer_times"] is False
+    assert "enabled" not in req and "ort_iterations" not in req
+    assert spec.build_key() == ModelSpec().build_key()
+    assert parse_spec({"bench": {"enabled": False}}).bench.gpu_request() is None
+    assert ModelSpec().bench.sweep is True
+    with pytest.raises(Exception, match="p99_target_ms"):
+        parse_spec({"bench": {"p99_target_ms": -1}})

@@ -74,7 +74,7 @@ def test_engine_build_eval_bench_response(gpu, tmp_path):
                           lambda n: {"images": rng.standard_normal((n, 3, 32, 32)).astype(np.float32)})
     out_dir = tmp_path / "engine"
     resp = gpu("engine", _request(model, out_dir, eval={"inputs": str(inputs), "outputs": str(out_dir / "eval_out.npz")},
-                                  bench={"warmup": 2, "iterations": 10, "shape": None},
+                                  bench={"warmup_ms": 5, "window_ms": 10, "iterations": 10, "shape": None},
                                   timing_cache_out=str(tmp_path / "tc.out")), tmp_path)
     assert resp["ok"], resp
     env = resp["env"]
@@ -112,10 +112,10 @@ def test_engine_build_eval_bench_response(gpu, tmp_path):
     assert again["ok"] and again["engine"]["builder_flags"] == ["FP16"]
     assert again["timing_cache"]["loaded_bytes"] == (tmp_path / "tc.out").stat().st_size
     assert again["timing_cache"]["saved_bytes"] > again["timing_cache"]["loaded_bytes"]
-    run = gpu("run", {"engine_path": str(plan), "bench": {"warmup": 1, "iterations": 3, "shape": {"images": [32, 3, 32, 32]}}},
+    run = gpu("run", {"engine_path": str(plan), "bench": {"warmup_ms": 1, "window_ms": 5, "iterations": 3, "shape": {"images": [32, 3, 32, 32]}}},
               tmp_path)
     assert run["ok"] and run["bench"]["batch"] == 32 and run["eval"] is None
-    outside = gpu("run", {"engine_path": str(plan), "bench": {"warmup": 0, "iterations": 1, "shape": {"images": [64, 3, 32, 32]}}},
+    outside = gpu("run", {"engine_path": str(plan), "bench": {"warmup_ms": 0, "window_ms": 5, "iterations": 1, "shape": {"images": [64, 3, 32, 32]}}},
                   tmp_path)
     assert outside["error"]["kind"] == "model" and "profiles" in outside["error"]["message"]
 

@@ -71,7 +71,7 @@ def _layer_precisions_by_type(resp: dict) -> dict:
 def _run(gpu, tmp, onnx_path, version, cuda="pycuda", force=None, **kw):
     inputs = _eval(tmp)
     req = _request(onnx_path, tmp / "engine", eval={"inputs": str(inputs), "outputs": str(tmp / "out.npz")},
-                   bench={"warmup": 1, "iterations": 3, "shape": None}, **kw)
+                   bench={"warmup_ms": 1, "window_ms": 5, "iterations": 3, "shape": None}, **kw)
     return gpu("engine", req, tmp, version=version, cuda=cuda, force=force), inputs
 
 
@@ -200,7 +200,7 @@ def test_engine_verb_on_cuda_python(gpu, graphs, tmp_path, cuda, force):
     got, want = np.load(resp["eval"]["outputs"]), _reference(graphs["fp32"], inputs)
     assert sorted(got.files) == sorted(want)
     lat = resp["bench"]["latency_ms"]
-    assert lat["min"] == lat["max"] == 0.25  # the double's events tick 0.25 ms per record
+    assert lat["min"] == lat["max"] == 0.25  # each double launch takes 0.25 ms of GPU_CLOCK
     cudart = __import__("sys").modules["cuda"].cudart
     kinds = {k for _, k in cudart.calls}
     assert {int(cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), int(cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)} <= kinds

@@ -62,6 +62,10 @@ class _Memory:
 
 MEMORY = _Memory()
 
+# The doubles' GPU clock: each enqueued inference "takes" launch_ms of GPU time and events read the
+# clock, so enqueue-ahead windows and per-inference events measure launches, not host time.
+GPU_CLOCK = {"ms": 0.0, "launch_ms": 0.25}
+
 
 class DeviceAllocation:
     def __init__(self, nbytes: int) -> None:
@@ -83,11 +87,8 @@ class Stream:
 
 
 class Event:
-    clock = 0.0
-
     def record(self, stream: Any = None) -> None:
-        Event.clock += 0.25
-        self.t = Event.clock
+        self.t = GPU_CLOCK["ms"]
 
     def synchronize(self) -> None:
         pass
@@ -197,8 +198,7 @@ def _cudart() -> types.ModuleType:
         return (ok,)
 
     def record(event, stream):
-        state["clock"] += 0.25
-        state["events"][int(event)] = state["clock"]
+        state["events"][int(event)] = GPU_CLOCK["ms"]
         return (ok,)
 
     props = types.SimpleNamespace(name=b"Double GPU (cuda-python, no CUDA)", major=9, minor=0, totalGlobalMem=80 << 30,
@@ -664,6 +664,7 @@ class IExecutionContext:
         self.shapes: Dict[str, List[int]] = {}
         self.addresses: Dict[str, int] = {}
         self.profile = 0
+        self.profiler: Optional["IProfiler"] = None
 
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
         self.profile = index
@@ -710,7 +711,22 @@ class IExecutionContext:
         for name, value in zip(self.engine.output_names, outs):
             dtype = _NP[self.engine.get_tensor_dtype(name)]
             MEMORY.write(self.addresses[name], np.ascontiguousarray(value.astype(dtype)).tobytes())
+        GPU_CLOCK["ms"] += GPU_CLOCK["launch_ms"]
+        if self.profiler is not None:  # as TensorRT does with enqueue_emits_profile (its default)
+            nodes = list(self.engine.model.graph.node)
+            for node in nodes:
+                self.profiler.report_layer_time(node.name, GPU_CLOCK["launch_ms"] / len(nodes))
         return True
+
+
+class IProfiler:
+    """TEST DOUBLE of tensorrt.IProfiler: subclasses override report_layer_time."""
+
+    def __init__(self) -> None:
+        pass
+
+    def report_layer_time(self, layer_name: str, ms: float) -> None:
+        raise NotImplementedError
 
 
 class Runtime:
@@ -749,7 +765,7 @@ def _tensorrt(version: str) -> types.ModuleType:
     m.__doc__ = f"TEST DOUBLE of tensorrt {version} (tests/tasks/gpu/trt_double.py)"
     m.__version__ = version
     for name in ("ILogger", "Dims", "ITensor", "INetworkDefinition", "OnnxParser", "IOptimizationProfile",
-                 "ITimingCache", "Builder", "EngineInspector", "IExecutionContext", "Runtime"):
+                 "ITimingCache", "Builder", "EngineInspector", "IExecutionContext", "Runtime", "IProfiler"):
         setattr(m, name, globals()[name])
     m.ParserError = ParserError if major < 10 else _ParserError10
     m.IBuilderConfig = IBuilderConfig if major < 11 else _BuilderConfig11Class
