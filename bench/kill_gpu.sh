@@ -55,15 +55,15 @@ wait_build() {
 }
 
 convert() {  # convert NAME: start a conversion in its own session; sets CONVERT_PID
-  setsid python3 -m flows.cli convert "$BUCKET/models/resnet50/" --force -v >"$OUT/kill-$1.log" 2>&1 &
+  setsid python3 -m flows.cli convert "$BUCKET/models/resnet50-$1/" --force -v >"$OUT/kill-$1.log" 2>&1 &
   CONVERT_PID=$!
   STARTED+=("$CONVERT_PID")
 }
 
-status_of() {
-  python3 - "$BUCKET" <<'PY'
+status_of() {  # status_of NAME
+  python3 - "$BUCKET" "resnet50-$1" <<'PY'
 import json, pathlib, sys
-recs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1], "_trtflow/status/resnet50").glob("*.json")]
+recs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1], "_trtflow/status", sys.argv[2]).glob("*.json")]
 print(" ".join(f"{r['status']}({(r.get('message') or '')[:60]})" for r in recs) or "none")
 PY
 }
@@ -83,11 +83,14 @@ PY
 
 gpu_mem() { nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null | tr '\n' ';'; }
 
-# ---- set-up: a ResNet-50 package (FP16 only, no benchmark: the build is what gets killed) and a server
+# ---- set-up: ResNet-50 packages a, b, c (FP16 only, no benchmark: the build is what gets killed) and a server.
+# Three packages, not one: convert-model's per-version lock (a Prefect lease) of a SIGKILLed run holds
+# that version for its lease; this script measures the GPU slot, which is shared by every package.
 # EXPORT_CMD: a dry run without torch writes a small model instead (the test double then blocks mid-"build").
 EXPORT_CMD=${EXPORT_CMD:-python3 bench/export_resnet.py --out}
-timeout 120 $EXPORT_CMD "$BUCKET/models/resnet50/model.onnx" >/dev/null || { echo "export failed"; exit 1; }
-printf 'precisions: [fp16]\nbench: {enabled: false}\neval: {synthetic_samples: 1}\n' > "$BUCKET/models/resnet50/trtflow.yaml"
+timeout 120 $EXPORT_CMD "$BUCKET/models/resnet50-a/model.onnx" >/dev/null || { echo "export failed"; exit 1; }
+printf 'precisions: [fp16]\nbench: {enabled: false}\neval: {synthetic_samples: 1}\n' > "$BUCKET/models/resnet50-a/trtflow.yaml"
+cp -r "$BUCKET/models/resnet50-a" "$BUCKET/models/resnet50-b"; cp -r "$BUCKET/models/resnet50-a" "$BUCKET/models/resnet50-c"
 setsid python3 -m prefect server start --host 127.0.0.1 --port "$PORT" >"$OUT/kill-server.log" 2>&1 &
 STARTED+=("$!")
 for _ in $(seq 1 120); do curl -sf "$PREFECT_API_URL/health" >/dev/null && break; sleep 0.5; done
@@ -102,7 +105,7 @@ sleep 10  # into the build (80+ s): the kill lands mid-build
 kill -KILL "$CONVERT_PID"; tk=$(now)
 sleep 5
 echo "kill9: A's build started $(secs "$t0" "$tb") s after launch; killed $(secs "$tb" "$tk") s into it; tasks.gpu processes 5 s later: $(gpu_count) (want 0); GPU apps: $(gpu_mem)"
-echo "kill9: A's status record: $(status_of) (nothing runs after SIGKILL of a direct run to rewrite it); trtflow status says: $(python3 -m flows.cli status "$BUCKET" --json 2>/dev/null | python3 -c 'import json,sys; r=json.load(sys.stdin)["models"][0]; print(r["status"], "-", r["reason"])') (want crashed)"
+echo "kill9: A's status record: $(status_of a) (nothing runs after SIGKILL of a direct run to rewrite it); trtflow status says: $(python3 -m flows.cli status "$BUCKET" --json 2>/dev/null | python3 -c 'import json,sys; r=[m for m in json.load(sys.stdin)["models"] if m["model"] == "resnet50-a"][0]; print(r["status"], "-", r["reason"])') (want crashed)"
 
 # ---- 2. the next conversion gets the GPU at once
 convert b; t0=$(now)
@@ -116,7 +119,7 @@ kill -TERM "$CONVERT_PID"; tk=$(now)
 sleep 5
 echo "sigterm: B terminated $(secs "$tb" "$tk") s into its build; tasks.gpu processes 5 s later: $(gpu_count) (want 0); B still running: $(kill -0 "$CONVERT_PID" 2>/dev/null && echo yes || echo no); GPU apps: $(gpu_mem)"
 for _ in $(seq 1 20); do kill -0 "$CONVERT_PID" 2>/dev/null || break; sleep 0.5; done
-echo "sigterm: B's status record: $(status_of) (want cancelled)"
+echo "sigterm: B's status record: $(status_of b) (want cancelled)"
 
 # ---- 4. and again the next conversion gets the GPU at once
 convert c; t0=$(now)

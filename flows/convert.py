@@ -602,16 +602,6 @@ def _record_failure(storage, name: str, sha: str, stage: str, err: Exception, ru
                              description=f"{name} conversion failed")
 
 
-def _note_newer_upload(pkg: ModelPackage, seen: str) -> None:
-    """Say so when the package changed after the watcher saw it. The run converts what is there now
-    (its identity is the hash of the bytes it fetches); the watcher starts a run for that upload too,
-    which then is a cache hit, and latest.json follows upload times, so neither run can roll it back."""
-    if seen and pkg.fingerprint != seen:
-        get_run_logger().info("%s changed since watch-bucket saw it (fingerprint %s, now %s); converting the "
-                              "newer upload", pkg.name, seen[:12], pkg.fingerprint[:12])
-
-
-
 def _stopped_status(state) -> str:
     """``cancelled`` for a cancellation or a SIGTERM (a stop that was asked for), else ``crashed``."""
     if state.is_cancelled() or state.is_cancelling():
@@ -640,6 +630,15 @@ def record_stopped(flow, flow_run, state) -> None:
         logger.info("%s: status %s recorded for %d record(s)", pkg.name, status, len(mine))
     except (TrtflowError, OSError, ValueError) as err:  # a hook must not raise over the run's own end
         logger.error("could not record the %s status of %s: %s", status, uri, err)
+
+
+def _note_newer_upload(pkg: ModelPackage, seen: str) -> None:
+    """Say so when the package changed after the watcher saw it. The run converts what is there now
+    (its identity is the hash of the bytes it fetches); the watcher starts a run for that upload too,
+    which then is a cache hit, and latest.json follows upload times, so neither run can roll it back."""
+    if seen and pkg.fingerprint != seen:
+        get_run_logger().info("%s changed since watch-bucket saw it (fingerprint %s, now %s); converting the "
+                              "newer upload", pkg.name, seen[:12], pkg.fingerprint[:12])
 
 
 @flow(name="convert-model", flow_run_name=_run_name, log_prints=False, on_cancellation=[record_stopped],

@@ -181,7 +181,7 @@ class Bench(_Strict):
     iterations: int = Field(200, ge=1, le=100_000, description="latency samples (GPU compute and host)")
     cuda_graph: bool = Field(True, description="capture the inference in a CUDA graph where the engine allows it")
     cov_limit: float = Field(0.05, gt=0, description="re-run the windows while their CoV is above this")
-    max_reruns: int = Field(2, ge=0, le=20)
+    max_reruns: int = Field(2, ge=0, le=100)
     layer_times: bool = Field(False, description="per-layer times (TensorRT IProfiler) into layer_times.json")
     sweep: Union[bool, List[int]] = Field(
         True, description="batch sweep: true = min, powers of two, opt, max of the profile; or a list of batches")

@@ -127,6 +127,8 @@ def _engine(req: dict) -> dict:
                                        "message": f"TensorRT {ENV['tensorrt']}'s ONNX parser rejected the model "
                                                   f"at node {node!r}: {message} (double)"}}
     fail = os.environ.get("TRTFLOW_DOUBLE_FAIL")
+    if os.environ.get("TRTFLOW_DOUBLE_FAIL_ONLY", req["precision"]) != req["precision"]:
+        fail = None
     block = os.environ.get("TRTFLOW_DOUBLE_BLOCK")
     if block:
         Path(block).write_text(str(os.getpid()))
@@ -136,8 +138,6 @@ def _engine(req: dict) -> dict:
         print(f"double: building with {leak}", file=sys.stderr, flush=True)
         return {"ok": False, "error": {"kind": "infra", "message": f"double: failed near {leak}", "fix": None,
                                        "details": [leak]}}
-    if os.environ.get("TRTFLOW_DOUBLE_FAIL_ONLY", req["precision"]) != req["precision"]:
-        fail = None
     if fail == "crash":
         ctypes.string_at(0)  # a real segfault, as a crashing TensorRT build would give
     if fail == "model":

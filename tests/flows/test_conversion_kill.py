@@ -5,6 +5,7 @@ a real process tree checked with psutil, the real per-GPU lock of flows/gpu_slot
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from tests import models
 from tests.doubles import make_trt_python_double
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(480)  # generous: a loaded 2-core machine starts Prefect slowly
 GONE_WITHIN_S = 5.0
 
 
@@ -38,16 +39,23 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> str:
     return path.read_text()
 
 
+def _name(tmp_path: Path) -> str:
+    return "cnn-" + hashlib.sha1(str(tmp_path).encode()).hexdigest()[:8]
+
+
 def _start_conversion(tmp_path: Path, api_url: str, gpu_id: str):
+    # Its own package (the name is part of convert-model's per-version lock, which a SIGKILLed run in
+    # an earlier test may still hold on the shared server until its lease runs out).
     bucket = tmp_path / "bucket"
-    models.save(models.small_cnn(), bucket / "models" / "cnn.onnx")
+    models.save(models.small_cnn(), bucket / "models" / f"{_name(tmp_path)}.onnx")
     marker = tmp_path / "building.pid"
     env = dict(os.environ, PREFECT_API_URL=api_url, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES=gpu_id,
                TRT_PYTHON=str(make_trt_python_double(tmp_path / "double")), TRTFLOW_DOUBLE_BLOCK=str(marker),
                TRTFLOW_GPU_LOCK_DIR=str(tmp_path / "locks"), AWS_SECRET_ACCESS_KEY="kill-test-secret-value")
     env.pop("TRTFLOW_GPU_DEPLOYMENT", None)
     code = ("from flows.convert import convert_model; "
-            f"convert_model({{'model_uri': {str(bucket / 'models' / 'cnn.onnx')!r}, 'precisions': ['fp32']}})")
+            f"convert_model({{'model_uri': {str(bucket / 'models' / (_name(tmp_path) + '.onnx'))!r}, "
+            "'precisions': ['fp32']})")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     child = psutil.Process(int(_wait_for(marker, proc, 150)))
@@ -84,7 +92,7 @@ def test_sigterm_mid_build_ends_the_gpu_child_frees_the_gpu_and_records_cancelle
     _assert_child_gone_and_slot_free(child, gpu_id, monkeypatch, tmp_path)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    [record] = list_statuses(storage, "cnn")
+    [record] = list_statuses(storage, _name(tmp_path))
     assert record["status"] == "cancelled", (record, out[-3000:])
     assert "termination signal" in record["message"]
 
@@ -98,7 +106,7 @@ def test_sigkill_mid_build_takes_the_gpu_child_along_and_frees_the_gpu(api_url, 
     # Nothing ran after SIGKILL to write the record; `trtflow status` sees its owner is gone.
     from flows.cli import _status_rows
 
-    [record] = list_statuses(storage, "cnn")
+    [record] = list_statuses(storage, _name(tmp_path))
     assert record["status"] == "running" and record["owner"]["pid"] == proc.pid
     [row] = _status_rows(storage)
     assert row["status"] == "crashed" and f"pid {proc.pid}" in row["reason"]
@@ -129,7 +137,7 @@ def _serve(tmp_path: Path, api_url: str, gpu_id: str, name: str) -> subprocess.P
 
 
 def _deployment_id(client, name: str, runner: subprocess.Popen):
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180
     while True:
         try:
             return client.read_deployment_by_name(f"convert-model/{name}").id
@@ -146,22 +154,23 @@ def test_sigkill_under_a_runner_records_crashed(api_url, tmp_path, monkeypatch):
 
     gpu_id, name = f"double-{uuid.uuid4().hex[:8]}", f"kill-{uuid.uuid4().hex[:8]}"
     bucket = tmp_path / "bucket"
-    models.save(models.small_cnn(), bucket / "models" / "cnn.onnx")
+    models.save(models.small_cnn(), bucket / "models" / f"{_name(tmp_path)}.onnx")
     runner = _serve(tmp_path, api_url, gpu_id, name)
     try:
         with get_client(sync_client=True) as client:
             run = client.create_flow_run_from_deployment(
                 _deployment_id(client, name, runner),
-                parameters={"request": {"model_uri": str(bucket / "models" / "cnn.onnx"), "precisions": ["fp32"]}})
+                parameters={"request": {"model_uri": str(bucket / "models" / f"{_name(tmp_path)}.onnx"),
+                                        "precisions": ["fp32"]}})
         child = psutil.Process(int(_wait_for(tmp_path / "building.pid", runner, 150)))
         child.parent().kill()  # the flow run's process, as the OOM killer or `kill -9` would
         _assert_child_gone_and_slot_free(child, gpu_id, monkeypatch, tmp_path)
         storage = LocalStorage(bucket)
-        deadline = time.monotonic() + 60
-        while (list_statuses(storage, "cnn") or [{}])[0].get("status") != "crashed":
-            assert time.monotonic() < deadline, (list_statuses(storage, "cnn"), runner.stdout)
+        deadline = time.monotonic() + 120
+        while (list_statuses(storage, _name(tmp_path)) or [{}])[0].get("status") != "crashed":
+            assert time.monotonic() < deadline, (list_statuses(storage, _name(tmp_path)), runner.stdout)
             time.sleep(0.5)  # the runner notices the exit on its own schedule
-        [record] = list_statuses(storage, "cnn")
+        [record] = list_statuses(storage, _name(tmp_path))
         assert record["flow_run_id"] == str(run.id) and record["message"].startswith("crashed: ")
     finally:
         os.killpg(runner.pid, signal.SIGTERM)

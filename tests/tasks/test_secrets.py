@@ -56,7 +56,7 @@ def test_gpu_child_errors_tail_and_build_log_are_scrubbed(tmp_path, monkeypatch)
     monkeypatch.setenv("TRTFLOW_DOUBLE_LEAK", leak)
     monkeypatch.setenv("TRTFLOW_DOUBLE_ENV_DUMP", str(tmp_path / "env.json"))
     with pytest.raises(InfraError) as err:
-        run_gpu("engine", {}, tmp_path / "work", timeout_s=60)
+        run_gpu("engine", {"precision": "fp32"}, tmp_path / "work", timeout_s=60)
     text = json.dumps(err.value.to_dict()) + (tmp_path / "work" / "build.log").read_text()
     assert "double: failed near" in text and "double: building with" in text
     for secret in (SECRET, KEY_ID, "hunter2pw"):
