@@ -254,7 +254,7 @@ class Conversion:
 
 # ---- locks: one conversion per package version, one latest.json writer per package -----------
 @contextmanager
-def package_lock(name: str, kind: str, package_sha: str = "", lease_s: float = 300) -> Iterator[str]:
+def package_lock(name: str, kind: str, package_sha: str = "", lease_s: float = 60) -> Iterator[str]:
     """Hold the Prefect global concurrency limit ``<kind>-<name>[-<package sha12>]`` (one slot).
 
     Why a Prefect limit rather than a conditional write: it works the same for s3:// and file://
@@ -267,6 +267,8 @@ def package_lock(name: str, kind: str, package_sha: str = "", lease_s: float = 3
     """
     from prefect.concurrency.sync import concurrency
 
+    # The lease is renewed while held, so it only bounds how long a kill -9'd holder blocks the next
+    # run of this version: 60 s, the least Prefect's server accepts (its default, 300 s, is 5 minutes).
     limit = f"{kind}-{name}" + (f"-{package_sha[:12]}" if package_sha else "")
     ensure_gpu_limit(limit, slots=1)  # flows.gpu_slot's creator is generic: creates the limit unless it exists
     with concurrency(limit, occupy=1, strict=True, lease_duration=lease_s):
