@@ -290,6 +290,7 @@ def endless_loop_model(trip_count: int = 10**12, width: int = 4) -> onnx.ModelPr
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
         [_init("trips", np.array([trip_count], np.int64)), _init("cond", np.array([True]))],
     )
+    return _model(graph)
 
 
 def wild_export_model(width: int = 8, ir_version: int = 10) -> onnx.ModelProto:
