@@ -281,10 +281,15 @@ def gpu_deployment() -> Optional[str]:
     return os.environ.get(DEPLOYMENT_SETTING) or None
 
 
-def _online_workers(client, pool: str) -> int:
+def _why_no_worker(client, pool: str) -> Optional[str]:
+    """Why no worker can take the pool's runs now (none online, or the pool paused), or None."""
     from prefect.client.schemas.objects import WorkerStatus
 
-    return sum(1 for w in client.read_workers_for_work_pool(pool) if w.status == WorkerStatus.ONLINE)
+    if client.read_work_pool(pool).is_paused:  # an operator paused it: online workers take nothing
+        return f"pool {pool} is paused; resume it in the UI or with `prefect work-pool resume {pool}`"
+    if not any(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(pool)):
+        return f"pool {pool} has none online"
+    return None
 
 
 def _wait_for_child(flow_run_id, deployment: str, on_waiting: Callable[[str], None],
@@ -300,9 +305,10 @@ def _wait_for_child(flow_run_id, deployment: str, on_waiting: Callable[[str], No
             if state is not None and state.is_final():
                 return state
             if state is None or state.is_scheduled() or state.is_pending():
-                if not waiting and _online_workers(client, pool) == 0:
+                why = None if waiting else _why_no_worker(client, pool)
+                if why:
                     waiting = True
-                    on_waiting(f"waiting for a GPU worker (pool {pool} has none online)")
+                    on_waiting(f"waiting for a GPU worker ({why})")
             elif waiting and state.is_running():
                 waiting = False
                 on_started()

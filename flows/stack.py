@@ -186,6 +186,37 @@ def _say_nothing(_: str) -> None:
     pass
 
 
+def _start_server(opts: StackOptions, base_env: Dict[str, str], logs: Path, state: Path, procs: List[Proc],
+                  info: StackInfo, progress: Callable[[str], None]) -> str:
+    """The API URL: the given server's once it answers, else one started here (its process in ``procs``)."""
+    if opts.api_url:
+        api_url = opts.api_url.rstrip("/")
+        wait_for_api(api_url, opts.timeout_s)
+    else:
+        if not _free(opts.host, opts.port):
+            raise InfraError(f"port {opts.port} on {opts.host} is in use.",
+                             fix="Pass --port, or stop what listens there.")
+        server_env = {k: v for k, v in base_env.items() if k != "PREFECT_API_URL"}
+        # The UI learns the API's address from settings, not from --host/--port.
+        browser_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
+        server_env.update(PREFECT_SERVER_API_HOST=opts.host, PREFECT_SERVER_API_PORT=str(opts.port))
+        server_env.setdefault("PREFECT_UI_API_URL", f"http://{browser_host}:{opts.port}/api")
+        # Concurrency leases (the per-GPU build slots) on disk, not in server memory: a build killed
+        # while holding its GPU is freed when its lease expires even across a server restart. With
+        # the in-memory default the slot stays taken after a restart and that GPU never builds again.
+        server_env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
+                              "prefect.server.concurrency.lease_storage.filesystem")
+        progress(f"starting the Prefect server on {opts.host}:{opts.port} (log: {logs / 'server.log'})")
+        procs.append(spawn("server", prefect_command() + ["server", "start", "--host", opts.host,
+                                                             "--port", str(opts.port)],
+                            server_env, logs, state))
+        info.save()  # from here on, `trtflow down` can clean up even if `up` is interrupted
+        api_url = f"http://{opts.host}:{opts.port}/api"
+        progress("waiting for the Prefect API to answer")
+        wait_for_api(api_url, opts.timeout_s, procs[0])
+    return api_url
+
+
 def up(opts: StackOptions, progress: Callable[[str], None] = _say_nothing) -> StackInfo:
     """Start the stack described by ``opts``; raises InfraError (after stopping what it started) on failure.
 
@@ -217,31 +248,7 @@ def up(opts: StackOptions, progress: Callable[[str], None] = _say_nothing) -> St
     procs: List[Proc] = []
     info = StackInfo(str(state), "", "", bucket, drop_folder, [], "", procs)
     try:
-        if opts.api_url:
-            api_url = opts.api_url.rstrip("/")
-            wait_for_api(api_url, opts.timeout_s)
-        else:
-            if not _free(opts.host, opts.port):
-                raise InfraError(f"port {opts.port} on {opts.host} is in use.",
-                                 fix="Pass --port, or stop what listens there.")
-            server_env = {k: v for k, v in base_env.items() if k != "PREFECT_API_URL"}
-            # The UI learns the API's address from settings, not from --host/--port.
-            browser_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
-            server_env.update(PREFECT_SERVER_API_HOST=opts.host, PREFECT_SERVER_API_PORT=str(opts.port))
-            server_env.setdefault("PREFECT_UI_API_URL", f"http://{browser_host}:{opts.port}/api")
-            # Concurrency leases (the per-GPU build slots) on disk, not in server memory: a build killed
-            # while holding its GPU is freed when its lease expires even across a server restart. With
-            # the in-memory default the slot stays taken after a restart and that GPU never builds again.
-            server_env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE",
-                                  "prefect.server.concurrency.lease_storage.filesystem")
-            progress(f"starting the Prefect server on {opts.host}:{opts.port} (log: {logs / 'server.log'})")
-            procs.append(spawn("server", prefect_command() + ["server", "start", "--host", opts.host,
-                                                                 "--port", str(opts.port)],
-                                server_env, logs, state))
-            info.save()  # from here on, `trtflow down` can clean up even if `up` is interrupted
-            api_url = f"http://{opts.host}:{opts.port}/api"
-            progress("waiting for the Prefect API to answer")
-            wait_for_api(api_url, opts.timeout_s, procs[0])
+        api_url = _start_server(opts, base_env, logs, state, procs, info, progress)
         info.api_url, info.ui_url = api_url, api_url[:-len("/api")] if api_url.endswith("/api") else api_url
 
         with temporary_settings({PREFECT_API_URL: api_url}):

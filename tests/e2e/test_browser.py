@@ -260,7 +260,6 @@ def test_a_failed_run_shows_its_reason(e2e_stack, e2e_client, quiet_watcher, bro
     print(f"\n[browser] failed run: {run_shot}, {artifact_shot}")
 
 
-@pytest.mark.xfail(strict=False, reason="needs pools' waiting status")
 def test_a_run_waiting_for_a_gpu_worker_says_why(e2e_stack, e2e_client, quiet_watcher, browser, tmp_path):
     """With the gpu pool paused nothing can take the run: its artifact must say it waits for a GPU worker."""
     from selenium.webdriver.support.ui import WebDriverWait
