@@ -268,14 +268,29 @@ def test_a_run_waiting_for_a_gpu_worker_says_why(e2e_stack, e2e_client, quiet_wa
 
     from prefect.states import Cancelled
 
+    bucket = e2e_stack.bucket.removeprefix("s3://").rstrip("/")
+    model = models.save(models.small_cnn(), tmp_path / "waiting.onnx")
+    s3 = boto3.client("s3", endpoint_url=os.environ["TRTFLOW_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.put_object(Bucket=bucket, Key="ui/models/waiting.onnx", Body=model.read_bytes())  # a good model
     dep = e2e_client.read_deployment_by_name("convert-model/convert-model")
     e2e_client.update_work_pool("gpu", WorkPoolUpdate(is_paused=True))
     run = e2e_client.create_flow_run_from_deployment(
-        dep.id, parameters={"request": {"model_uri": e2e_stack.bucket.rstrip("/") + "/models/waiting.onnx"}})
+        dep.id, parameters={"request": {"model_uri": f"s3://{bucket}/ui/models/waiting.onnx"}})
     try:
         browser.get(f"{e2e_stack.ui_url}/runs/flow-run/{run.id}")
         WebDriverWait(browser, 90).until(lambda d: "waiting for a GPU worker" in _page_text(d))
+        assert "pool gpu is paused" in _page_text(browser)  # the run's log says why nothing takes it
+        from selenium.webdriver.common.by import By
+
+        needle = "contains(., 'waiting for a GPU worker')"  # the innermost element holding the log line
+        line = browser.find_element(By.XPATH, f"//*[{needle} and not(*[{needle}])]")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", line)  # into the screenshot
         _shot(browser, tmp_path, "waiting-run.png")
+    except Exception:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "waiting-run-failure.png"))
+        (ARTIFACTS / "waiting-run-failure.txt").write_text(_page_text(browser))
+        raise
     finally:
         e2e_client.set_flow_run_state(run.id, Cancelled(), force=True)
         e2e_client.update_work_pool("gpu", WorkPoolUpdate(is_paused=False))
