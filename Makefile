@@ -45,8 +45,8 @@ browser-deps:
 
 ## test: everything that runs without a GPU (GPU tests skip with their reason)
 test: $(STAMP) browser-deps
-	@echo "trtflow: running the test suite (unit tests, then e2e tests that start real Prefect servers)"
-	$(BIN)/python -m pytest -q tests
+	@echo "trtflow: running the test suite in 2 processes (most of the e2e tests' time is waiting on Prefect servers and workers)"
+	$(BIN)/python -m pytest -q tests -n 2 --dist loadfile
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not e2e and not browser"

@@ -178,8 +178,10 @@ class S3Storage(_Helpers):
         self.uri = f"s3://{bucket}/{self.prefix}"
         if client is None:
             endpoint = os.environ.get("TRTFLOW_S3_ENDPOINT_URL") or None
-            client = boto3.client("s3", endpoint_url=endpoint,
-                                  config=Config(retries={"mode": "standard", "max_attempts": 5}))
+            # A session of its own, not boto3's default one: that caches the credentials it first
+            # resolved for the life of the process, so a worker would keep using rotated-away keys.
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint,
+                                                    config=Config(retries={"mode": "standard", "max_attempts": 5}))
         self.client = client
 
     def _key(self, key: str) -> str:

@@ -21,7 +21,7 @@ import pytest
 from tests import models
 from tests.e2e.conftest import SETTLE_SECONDS, WATCH_INTERVAL, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(960)]
 
 
 def _onnx_bytes(model) -> bytes:
@@ -73,13 +73,13 @@ def test_three_models_one_updated_twice_convert_once_per_version(e2e_stack, e2e_
         runs = runs_for("gamma")
         return len(runs) == n and all(r.state and r.state.is_final() for r in runs)
 
-    wait_for(lambda: gamma_final(1), 120, "the conversion of gamma v1")
+    wait_for(lambda: gamma_final(1), 300, "the conversion of gamma v1")
     s3.put_object(Bucket=bucket, Key="models/gamma/model.onnx", Body=v2)
-    wait_for(lambda: gamma_final(2), 120, "the conversion of gamma v2")
+    wait_for(lambda: gamma_final(2), 300, "the conversion of gamma v2")
     # v3 is a multi-file upload: the model, then its spec. Only the settled pair may be converted.
     s3.put_object(Bucket=bucket, Key="models/gamma/model.onnx", Body=v3)
     s3.put_object(Bucket=bucket, Key="models/gamma/trtflow.yaml", Body=b"precisions: [fp32]\n")
-    wait_for(lambda: gamma_final(3), 120, "the conversion of gamma v3")
+    wait_for(lambda: gamma_final(3), 300, "the conversion of gamma v3")
 
     def all_final():
         runs = convert_runs()
