@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 from tasks.errors import ModelError
 from tasks.identity import PackageIdentity, identity_of
 from tasks.spec import SPEC_FILENAME
-from tasks.storage import ObjectInfo, Storage, open_storage, sha256_file
+from tasks.storage import ObjectInfo, Storage, open_storage
 from tasks.watch_state import package_fingerprint
 
 MODELS_PREFIX = "models/"

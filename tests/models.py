@@ -372,3 +372,14 @@ def silu_detector(size: int = 16, channels: int = 8, boxes: int = 4) -> onnx.Mod
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", head_c, (size // 2) ** 2])], inits)
     return _model(graph)
+
+
+def gelu_opset20_model() -> onnx.ModelProto:
+    """x float32 [N,4] -> Gelu at opset 20 (IR 9): onnx.version_converter cannot take Gelu (new in
+    opset 20) down to TensorRT 8.6's opset 17, so validation and adaptation must refuse it by name."""
+    graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], name="gelu")], "gelu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    return model

@@ -11,11 +11,9 @@ TensorRT), against a local bucket folder. One section per item of the issue:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from flows.convert import convert_model
 from flows.params import ConvertRequest
 from tasks import publish
 from tasks.identity import get_checked, put_checked, sha_record_key
-from tasks.package import latest_key, status_key
+from tasks.package import latest_key
 from tasks.storage import LocalStorage, sha256_file
 from tests import models
 from tests.doubles import make_trt_python_double

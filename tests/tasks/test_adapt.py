@@ -103,11 +103,7 @@ def test_newer_opset_is_converted_and_still_computes_the_same(tmp_path, opset):
 
 
 def test_opset_that_cannot_be_converted_is_refused_naming_the_op(tmp_path):
-    graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], name="gelu")], "gelu",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
+    model = models.gelu_opset20_model()
     src = models.save(model, tmp_path / "in" / "model.onnx")
     with pytest.raises(ModelError) as err:
         adapt_for_target(src, tmp_path / "out", TRT86)

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto, helper
 import pytest
 import yaml
 
@@ -262,11 +261,7 @@ def test_opset_too_new_for_trt86_is_converted_not_refused(tmp_path):
 
 
 def test_opset_that_cannot_be_converted_is_refused_naming_the_op(tmp_path):
-    graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], name="gelu")], "gelu",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
+    model = models.gelu_opset20_model()
     report = validate_model(models.save(model, _pkg(tmp_path)))
     assert "opset_unsupported" in report.codes()
     err = next(e for e in report.errors if e.code == "opset_unsupported")
