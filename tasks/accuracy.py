@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from tasks.limits import load_npy, load_npz
+from tasks.cpu_threads import cpu_threads, session_options
 from tasks.errors import ModelError
 from tasks.metrics import GateResult, OutputMetrics, compare_outputs, gate
 from tasks.package import LocalPackage
@@ -321,9 +322,7 @@ def _ort_errors() -> tuple:
 def _session(model_path: Path, threads: int = 0):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts = session_options(threads or None)
     try:
         return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     except _ort_errors() as err:
@@ -461,5 +460,5 @@ def ort_latency(model_path: Path, inputs: Union[Mapping[str, Any], EvalSet], ite
     return {"p50_ms": p50, "p90_ms": float(np.percentile(times, 90)), "mean_ms": float(np.mean(times)),
             "min_ms": float(np.min(times)), "throughput": batch / (p50 / 1000.0) if p50 > 0 else None,
             "batch": batch, "iterations": len(times), "warmup": warmup, "provider": "CPUExecutionProvider",
-            "threads": threads or os.cpu_count(), "onnxruntime": ort.__version__,
+            "threads": threads or cpu_threads() or os.cpu_count(), "onnxruntime": ort.__version__,
             "shapes": {n: list(a.shape) for n, a in feeds.items()}}

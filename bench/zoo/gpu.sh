@@ -6,7 +6,7 @@
 #   bash bench/zoo/gpu.sh check  [--only a,b]      # CPU: validate + adapt + ORT on eval data
 #   bash bench/zoo/gpu.sh convert [--only a,b]     # repeat until every model has a line; skips done ones
 #   bash bench/zoo/gpu.sh table
-#   bash bench/zoo/gpu.sh all --jobs 6 --budget 560   # ONE call: export what is missing, convert N at
+#   [ZOO_BIG=1] bash bench/zoo/gpu.sh all --jobs 6 --budget 560   # ONE call (ZOO_BIG: also the 2.4 GB model): export what is missing, convert N at
 #       once until the budget is spent, write $OUT/zoo-table.md + $OUT/zoo-results.jsonl; run it again
 #       to continue where it stopped (done models are skipped; $ZOO lives in the ignored .zoo/).
 set -uo pipefail
@@ -45,7 +45,7 @@ case "$step" in
     start=$SECONDS
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
     # export: at most a third of the budget; what it does not finish, the next call exports
-    timeout $((budget / 3 + 30)) python3 bench/zoo/export_zoo.py --bucket "$ZOO" --jobs 4 --budget $((budget / 3)) 2>&1 \
+    timeout $((budget / 3 + 30)) python3 bench/zoo/export_zoo.py --bucket "$ZOO" --jobs 4 --budget $((budget / 3)) ${ZOO_BIG:+--big} 2>&1 \
       | grep -E '^\{' | cut -c1-300 | tee -a "$OUT/zoo-export.txt"
     left=$((budget - (SECONDS - start) - 20))
     echo "export done after $((SECONDS - start)) s; converting for $left s with $jobs jobs"

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from tasks.calibration import CalibrationData, CalibrationReader, inputs_from_onnx
+from tasks.cpu_threads import calibration_sessions
 from tasks.errors import InfraError, ModelError
 from tasks.gpu.compat import Caps, caps_for_version, modelopt_qdq_readable, qdq_backend
 from tasks.spec import ModelSpec
@@ -109,7 +110,7 @@ def _quantize_onnxruntime(model_path: Path, data: CalibrationData, spec: ModelSp
     chatter = io.StringIO()
     try:
         # onnxruntime's calibrators print progress to stdout; keep it in the log instead
-        with contextlib.redirect_stdout(chatter):
+        with contextlib.redirect_stdout(chatter), calibration_sessions():
             quantize_static(str(model_path), str(out_path), reader, **kwargs)
     except MemoryError as err:
         raise InfraError(f"onnxruntime ran out of memory calibrating the model: {err}",
