@@ -26,11 +26,17 @@ step() { local name=$1; shift; local t=$(date +%s); "$@" > "$OUT/step-$name.log"
 [ -f "$WORK/resnet50.qdq.onnx" ] || step qdq-resnet50 env PYTHONPATH=/opt/py312:. timeout 180 python3 bench/qdq_resnet.py \
   --onnx "$WORK/resnet50.onnx" --out "$WORK" --name resnet50 --skip-ort --samples 16 &
 [ -f "$WORK/detector.qdq.onnx" ] || step qdq-detector env PYTHONPATH=/opt/py312:. timeout 180 python3 bench/qdq_resnet.py \
-  --onnx "$WORK/zoo/models/yolo_style/model.onnx" --out "$WORK" --name detector --skip-ort --samples 16 &
-# fidelity + honesty + warm rebuild need no Q/DQ model: they start now, int8 waits for the Q/DQ jobs
-timeout $(( deadline - $(date +%s) + 60 )) "$TRT_PYTHON" bench/gpu_bench.py --work "$WORK" --out "$OUT" --level "$LEVEL" \
-  --deadline "$deadline" --only fidelity,honesty,warm_rebuild
+  --onnx "$WORK/zoo/models/yolo_style/model.onnx" --out "$WORK" --name detector --skip-ort --samples 16 --chw 3,640,640 &
+# One process per (model, measures): each prints its JSON lines when done, so a call that ends early
+# still brings back what finished. ResNet-50's fidelity/honesty/warm rebuild need no Q/DQ model and
+# start now; the int8 runs wait for the Q/DQ jobs.
+bench() { local models=$1 only=$2 left=$(( deadline - $(date +%s) + 60 ))
+  [ "$left" -gt 30 ] || { echo "{\"measure\": \"$only\", \"models\": \"$models\", \"skipped\": \"no time left\"}"; return; }
+  timeout "$left" "$TRT_PYTHON" bench/gpu_bench.py --work "$WORK" --out "$OUT" --level "$LEVEL" --deadline "$deadline" \
+    --models "$models" --only "$only" || echo "{\"measure\": \"$only\", \"models\": \"$models\", \"error\": \"timed out or crashed\"}"; }
+bench resnet50 fidelity,honesty,warm_rebuild
 wait
-timeout $(( deadline - $(date +%s) + 80 )) "$TRT_PYTHON" bench/gpu_bench.py --work "$WORK" --out "$OUT" --level "$LEVEL" \
-  --deadline "$deadline" --only int8 || echo '{"measure": "int8", "error": "timed out or crashed; see above"}'
+bench resnet50 int8
+bench detector fidelity
+bench detector int8
 ls "$OUT"

@@ -2,60 +2,67 @@
 # A whole GPU round on the lent machine, started once in the background (setsid) right after
 # ../shared/gpu/install.sh --finish, so that the work does not stop at the 10-minute call boundary:
 # each later device call only runs `bash bench/gpu_wait.sh <seconds>`, which prints what finished
-# and brings /tmp/res back as $OUT/res.tgz. Two tracks:
-#   zoo:   bench/zoo/gpu.sh all (export, then 4 conversions at once) for $ZOO_BUDGET seconds
-#   tests: tests/gpu on both CUDA backends (xdist), the user journey through `trtflow up` with a real
-#          GPU worker, the FP16-graph comparison on the zoo's detector; then, once the zoo is done (or
-#          at $BENCH_AT seconds), issue 13's four GPU measures (bench/gpu_bench.sh) on the GPU alone.
-#   setsid bash bench/gpu_round.sh > /tmp/res/round.log 2>&1 < /dev/null &
+# and brings /tmp/res back as $OUT/res.tgz.
+#   ROUND_S=1500 STEPS="tests bench fp16 stack zoo" setsid bash bench/gpu_round.sh > /tmp/round.log 2>&1 < /dev/null &
+#
+# Steps run ONE AFTER ANOTHER, in the order given, each within its cap and the round's deadline: on
+# 2026-12-02 everything at once (GPU tests, 4 zoo jobs, the stack) made every build ~10x slower (a
+# small CNN's FP16 build 93 s instead of ~7 s) and nothing finished. Only the zoo's export (CPU,
+# torch) runs beside them, from the start.
+#   tests  tests/gpu, both CUDA backends, 3 xdist workers, every test's outcome listed (-rA)
+#   bench  issue 13's four GPU measures (bench/gpu_bench.sh), one model per process
+#   fp16   issue 14: FP16 from the graph against the FP16 flag on the zoo's detector
+#   stack  the user journey: `trtflow up` with a real GPU worker, drop a model, wait for published
+#   zoo    bench/zoo/gpu.sh all: every model's FP16, then the INT8 pass, 3 jobs sharing the GPU lock
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false PYTHONUNBUFFERED=1
 export TRT_PYTHON=${TRT_PYTHON:-/opt/trt/bin/trt-python} PYTHONPATH=/opt/py312:$PWD
 RES=/tmp/res; mkdir -p "$RES"/zoo "$RES"/bench
-ZOO_BUDGET=${ZOO_BUDGET:-900}; BENCH_AT=${BENCH_AT:-930}; ZOO_JOBS=${ZOO_JOBS:-4}
-ZOO_ORDER=${ZOO_ORDER:-yolo_style,resnet50,shared_dim_param,efficientnet_b0,ir9_opset17,mobilenet_v3_large,ir10_opset17,opset18,ssdlite320,opset19,opset20,fp16_graph,dynamic_axes_slice,lstm_tagger,crnn_text,deeplabv3_mobilenet_v3_large,convnext_tiny,vit_b_16,swin_t,bert_base,gpt2_small,wide_mlp_2gb}
+ROUND_S=${ROUND_S:-1500}; STEPS=${STEPS:-tests bench fp16 stack zoo}; ZOO_JOBS=${ZOO_JOBS:-3}
+ZOO_ORDER=${ZOO_ORDER:-shared_dim_param,ir9_opset17,ir10_opset17,opset18,opset19,opset20,fp16_graph,dynamic_axes_slice,resnet50,yolo_style,lstm_tagger,crnn_text,ssdlite320,efficientnet_b0,mobilenet_v3_large,convnext_tiny,deeplabv3_mobilenet_v3_large,vit_b_16,swin_t,bert_base,gpt2_small,wide_mlp_2gb}
 start=$(date +%s)
 say() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$RES/summary.txt"; }
+left() { echo $(( ROUND_S - ($(date +%s) - start) )); }
+cap() { local want=$1 l; l=$(left); echo $(( want < l ? want : l )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$RES/gpu.txt"
-say "round starts on $(cat "$RES/gpu.txt"); nproc $(nproc)"
+say "round starts on $(cat "$RES/gpu.txt"); nproc $(nproc); steps: $STEPS; $ROUND_S s"
+# the zoo's packages are CPU work (torch export): made now, beside the GPU steps
+setsid bash -c "OUT=$RES/zoo timeout 400 python3 bench/zoo/export_zoo.py --bucket .zoo --jobs 3 --budget 360 --big \
+  > $RES/zoo/export.log 2>&1" < /dev/null &
 
-setsid bash -c "ZOO_BIG=1 OUT=$RES/zoo bash bench/zoo/gpu.sh all --jobs $ZOO_JOBS --budget $ZOO_BUDGET --per-model 600 \
-  --only $ZOO_ORDER > $RES/zoo/zoo-run.log 2>&1; echo done > $RES/zoo/DONE" < /dev/null &
-
-say "tests/gpu, both CUDA backends, 4 xdist workers"
-TRT_EXTRA_PYTHONPATH=/opt/py39x timeout -s INT 480 $TRT_PYTHON -m pytest tests/gpu -q -p no:cacheprovider -n 4 \
-  -rfEs --tb=short --durations=15 > "$RES/tests-gpu.txt" 2>&1
-say "tests/gpu rc $?: $(grep -E '[0-9]+ (passed|failed)' "$RES/tests-gpu.txt" | tail -1)"
-grep -E "^(FAILED|ERROR)" "$RES/tests-gpu.txt" | cut -c1-300 | tee -a "$RES/summary.txt"
-
-say "user journey: trtflow up with a real GPU worker, drop a model, wait for published"
-LIMIT=240 timeout 400 bash bench/gpu_stack.sh > "$RES/stack.txt" 2>&1
-say "stack rc $?: $(grep -E '^\{|up took' "$RES/stack.txt" | tr '\n' ' ' | cut -c1-600)"
-
-det=$PWD/.zoo/models/yolo_style/model.onnx
-for _ in $(seq 1 60); do [ -f "$PWD/.zoo/models/yolo_style/trtflow.yaml" ] && break; sleep 5; done
-say "FP16 graph vs flag on the zoo's detector (pycuda)"
-TRTFLOW_FP16_COMPARE=$det timeout -s INT 330 $TRT_PYTHON -m pytest tests/gpu/test_fp16_graph.py -q -s -p no:cacheprovider \
-  -rfE --tb=short -k "model and pycuda" > "$RES/fp16-graph.txt" 2>&1
-say "fp16 graph rc $?: $(grep -E 'graph/flag|passed|failed' "$RES/fp16-graph.txt" | tr '\n' ' ' | cut -c1-400)"
-
-for kind in local convert; do  # issue 13 measure 5, while the zoo still shares the CPUs (said in the docs)
-  left=$(( BENCH_AT - ($(date +%s) - start) - 10 ))
-  [ "$left" -gt 90 ] || break
-  say "pipeline overhead ($kind), $left s left before the bench"
-  timeout "$left" python3 bench/pipeline_overhead.py --real --only "$kind" --limit $(( left - 20 )) \
-    > "$RES/overhead-$kind.txt" 2>&1
-  say "overhead $kind: $(grep -E '^\{' "$RES/overhead-$kind.txt" | cut -c1-500)"
+step_tests() {
+  TRT_EXTRA_PYTHONPATH=/opt/py39x timeout -s INT "$(cap 540)" $TRT_PYTHON -m pytest tests/gpu -q -p no:cacheprovider \
+    -n 3 -rA --tb=short --durations=10 > "$RES/tests-gpu.txt" 2>&1
+  say "tests/gpu rc $?: $(grep -E '[0-9]+ (passed|failed)' "$RES/tests-gpu.txt" | tail -1)"
+  grep -E "^(FAILED|ERROR)" "$RES/tests-gpu.txt" | cut -c1-300 | tee -a "$RES/summary.txt"
+}
+step_bench() {
+  mkdir -p /tmp/gpu-bench/zoo/models
+  for _ in $(seq 1 40); do [ -f .zoo/models/yolo_style/trtflow.yaml ] && break; sleep 3; done
+  ln -sfn "$PWD/.zoo/models/yolo_style" /tmp/gpu-bench/zoo/models/yolo_style
+  OUT=$RES/bench BUDGET_S=$(cap 600) bash bench/gpu_bench.sh > "$RES/bench/run.log" 2>&1
+  say "bench: $(grep -E '^\{"(measure|step)' "$RES/bench/run.log" | cut -c1-260 | tr '\n' ' ')"
+}
+step_fp16() {
+  TRTFLOW_FP16_COMPARE=$PWD/.zoo/models/yolo_style/model.onnx timeout -s INT "$(cap 300)" $TRT_PYTHON -m pytest \
+    tests/gpu/test_fp16_graph.py -q -s -p no:cacheprovider -rA --tb=short -k "model and pycuda" > "$RES/fp16-graph.txt" 2>&1
+  say "fp16 graph rc $?: $(grep -E 'graph/flag|passed|failed' "$RES/fp16-graph.txt" | tr '\n' ' ' | cut -c1-400)"
+}
+step_stack() {
+  LIMIT=$(( $(cap 330) - 60 )) timeout "$(cap 330)" bash bench/gpu_stack.sh > "$RES/stack.txt" 2>&1
+  say "stack rc $?: $(grep -E '^\{|up took' "$RES/stack.txt" | tr '\n' ' ' | cut -c1-600)"
+}
+step_zoo() {
+  OUT=$RES/zoo bash bench/zoo/gpu.sh all --jobs "$ZOO_JOBS" --budget "$(left)" --per-model 420 \
+    --only "$ZOO_ORDER" > "$RES/zoo/zoo-run.log" 2>&1
+  say "zoo: $(tail -2 "$RES/zoo/zoo-run.log" | tr '\n' ' ' | cut -c1-300)"
+}
+for s in $STEPS; do
+  if [ "$(left)" -lt 60 ]; then say "no time left for $s"; continue; fi
+  say "step $s ($(left) s left)"
+  "step_$s"
 done
-
-while [ ! -f "$RES/zoo/DONE" ] && [ $(( $(date +%s) - start )) -lt "$BENCH_AT" ]; do sleep 5; done
-say "zoo: $(tail -3 "$RES/zoo/zoo-run.log" | tr '\n' ' ' | cut -c1-400)"
-pkill -f "bench/zoo/" 2>/dev/null; pkill -f "tasks.gpu" 2>/dev/null   # the bench needs the GPU alone
 python3 bench/zoo/run_zoo.py table --bucket .zoo --out "$RES/zoo/zoo-table.md" > /dev/null 2>&1
-mkdir -p /tmp/gpu-bench/zoo/models && ln -sfn "$PWD/.zoo/models/yolo_style" /tmp/gpu-bench/zoo/models/yolo_style
-say "issue 13: bench/gpu_bench.sh (fidelity, honesty, warm rebuild, int8) at level 1"
-OUT=$RES/bench BUDGET_S=${BENCH_BUDGET:-540} bash bench/gpu_bench.sh > "$RES/bench/run.log" 2>&1
-say "bench: $(grep -E '^\{"measure' "$RES/bench/run.log" | cut -c1-300 | tr '\n' ' ')"
 say "round done"
 touch "$RES/DONE"

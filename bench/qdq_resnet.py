@@ -30,11 +30,14 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--skip-ort", action="store_true")
     ap.add_argument("--name", default="resnet50", help="output file stem: <out>/<name>.qdq.onnx")
+    ap.add_argument("--chw", default="", help="C,H,W of the calibration images where the model's are dynamic, "
+                                              "e.g. 3,640,640 (the detector: at 1x1 its Concats do not line up)")
     args = ap.parse_args()
     import onnx
 
     graph_input = onnx.load(str(args.onnx), load_external_data=False).graph.input[0]
-    dims = [d.dim_value or 1 for d in graph_input.type.tensor_type.shape.dim][1:]
+    dims = ([int(v) for v in args.chw.split(",")] if args.chw
+            else [d.dim_value or 1 for d in graph_input.type.tensor_type.shape.dim][1:])
     images = np.random.default_rng(0).normal(0, 1, [args.samples] + dims).astype(np.float32)
     data = CalibrationData({graph_input.name: images}, hashlib.sha256(images.tobytes()).hexdigest(), synthetic=True)
     spec = parse_spec({"calibration": {"method": "minmax", "backend": "onnxruntime", "synthetic": True}})

@@ -74,6 +74,16 @@ def explain(err: BaseException) -> Tuple[str, Optional[str]]:
     if isinstance(err, TrtflowError):
         hint = _spec_key_hint(err.message)
         return err.message, " ".join(x for x in (hint, err.fix) if x) or None
+    if (type(err).__name__ in ("ConnectError", "ConnectTimeout") or isinstance(err, ConnectionRefusedError)
+            or str(err).startswith("Failed to reach API")):
+        # httpx's, from Prefect's client: the server went away mid-run (seen when a zoo run's
+        # temporary servers were killed); the traceback would only say "connection refused"
+        from prefect.settings import PREFECT_API_URL
+
+        url = PREFECT_API_URL.value() or "the temporary Prefect server this command started"
+        return (f"lost the Prefect API at {url} ({type(err).__name__}: {err}): the server stopped or is unreachable.",
+                "Check that the server runs (trtflow up, or `prefect server start`) and PREFECT_API_URL points at it, "
+                "then run the command again; nothing half-published is kept.")
     return f"{type(err).__name__}: {err}", "Run again with -v for the traceback, and report it if it is a bug."
 
 

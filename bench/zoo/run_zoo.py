@@ -166,12 +166,14 @@ def registry_order(names: List[str]) -> List[str]:
 
 def _own_server_env(home: Path) -> Dict[str, str]:
     """This conversion's environment: its own PREFECT_HOME (database, temporary server) and no
-    PREFECT_API_URL, so parallel conversions never share a server or its gpu-<id> slot; its own
-    TRTFLOW_GPU_LOCK_DIR, so the host-wide per-GPU build lock (flows/gpu_slot.py) does not queue them
-    either: the zoo shares one H200 on purpose, to fit its time (the table says so)."""
+    PREFECT_API_URL, so parallel conversions never share a server. The host-wide per-GPU build lock
+    (flows/gpu_slot.py, TRTFLOW_GPU_LOCK_DIR) stays shared: the CPU stages overlap, the GPU builds
+    queue. Builds side by side on the one H200 were far slower than one after another (2026-12-02,
+    4 zoo jobs each with a lock of its own: a small CNN's FP16 build took 93 s that takes ~7 s alone,
+    and TensorRT's tactic timings measured each other's load)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), TRTFLOW_HOME=str(home / "trtflow"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PYTHONUNBUFFERED="1", TRTFLOW_GPU_LOCK_DIR=str(home / "gpu-locks"))
+               PYTHONUNBUFFERED="1")
     # N servers starting at once on busy cores miss Prefect's default 20 s (measured: "Timed out while
     # attempting to connect to ephemeral Prefect API server" with two jobs on a loaded 2-core machine)
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -182,7 +184,7 @@ def convert_one(bucket: Path, pkg: Path, precisions: List[str], timeout: float, 
     cmd = [sys.executable, "-m", "flows.cli", "convert", str(pkg)]
     for p in precisions:
         cmd += ["-p", p]
-    cmd += ["--strategy", "all", "--json", "--force"]
+    cmd += ["--strategy", "all", "--json", "--force", "-v"]  # -v: stage lines in the log, for where time goes
     home = Path(tempfile.mkdtemp(prefix=f"zoo-prefect-{pkg.name}-"))
     try:
         return _convert_in(bucket, pkg, precisions, timeout, log_dir, cmd, _own_server_env(home))

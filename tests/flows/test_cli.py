@@ -201,3 +201,16 @@ def test_empty_form_fields_keep_the_spec():
                                     "tolerances": {"fp16": {"min_cosine": 0.9}}}
     with pytest.raises(ValueError, match="min_cosin"):
         ConvertRequest(model_uri="x", tolerances={"fp16": {"min_cosin": 0.9}})
+
+
+def test_an_unreachable_prefect_api_is_named_with_its_url_and_the_fix(tmp_path):
+    """A real run against a port nothing listens on: the user learns which API and what to check."""
+    model = models.save(models.small_cnn(), tmp_path / "bucket" / "models" / "m.onnx")
+    env = dict(__import__("os").environ, PREFECT_API_URL="http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES="0",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "convert", str(model), "-p", "fp32"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "lost the Prefect API at http://127.0.0.1:9/api" in out, out[-2000:]
+    assert "PREFECT_API_URL" in out and "Run again with -v" not in out
