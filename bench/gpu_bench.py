@@ -20,7 +20,7 @@ Runs under the TensorRT interpreter (Python 3.9: /opt/trt/bin/trt-python)::
 
 Every build, both sides of every pair, uses builder optimisation level ``--level`` (default 1: level 3
 builds a ResNet-50 INT8 engine in ~3 min, which would not fit four measures into one 10-minute call).
-One JSON line per measure on stdout and in $OUT/bench-<measure>.json; a measure that fails prints
+One JSON line per measure on stdout and in $OUT/bench-<measure>-<models>.json; a measure that fails prints
 its error and the others still run. Measures past ``--deadline`` are skipped and say so.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # Issue 13's four GPU measures (fidelity, honesty, INT8 payoff, warm rebuild) in ONE device call
 # (< 10 min on an H200), after ../shared/gpu/install.sh has unpacked TensorRT 8.6 (/opt/trt) and,
 # for the Q/DQ models, the Prefect wheels (/opt/py312: pydantic for tasks/quantize):
-#   bash bench/gpu_bench.sh            # prints one JSON line per measure, writes $OUT/bench-<measure>.json
+#   bash bench/gpu_bench.sh            # prints one JSON line per measure, writes $OUT/bench-<measure>-<models>.json
 # Steps: export ResNet-50 (torchvision) and the zoo's YOLO-style detector with the machine's python3
 # (torch), make their Q/DQ models (tasks/quantize, python3 + /opt/py312), then bench/gpu_bench.py
 # under the TensorRT interpreter. Every build on both sides of a pair uses builder optimisation level
