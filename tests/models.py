@@ -127,6 +127,21 @@ def unique_op_model() -> onnx.ModelProto:
     return _model(graph)
 
 
+def custom_op_model(width: int = 4) -> onnx.ModelProto:
+    """x [N,width] -> MatMul -> com.example Mystery -> MatMul: onnxruntime's symbolic shape inference
+    cannot see through the custom op ("Incomplete symbolic shape inference"), as with the zoo's detector."""
+    w = _init("w", np.eye(width, dtype=np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm1"),
+         helper.make_node("Mystery", ["y"], ["z"], name="mystery", domain="com.example"),
+         helper.make_node("MatMul", ["z", "w"], ["out"], name="mm2")], "custom_op",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.example", 1)])
+    model.ir_version = IR_VERSION
+    return model
+
+
 def save_with_external_location(model: onnx.ModelProto, path: Path, location: str, write_data: bool = True,
                                 truncate_bytes: int = 0) -> Path:
     """Write ``model`` with every initializer's external_data entries set by hand to ``location``.

@@ -1,13 +1,15 @@
 """The stage: calibrate, place Q/DQ, restore versions TensorRT reads, write statistics."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import onnx
 
@@ -41,6 +43,18 @@ def _explicit_kernel_shapes(model: onnx.ModelProto) -> bool:
     return changed
 
 
+@contextlib.contextmanager
+def _current_folder(folder: Path) -> Iterator[None]:
+    """``contextlib.chdir`` (Python 3.11), for tasks' Python 3.9 floor. Process-wide: the
+    quantisation stage runs in a child interpreter of its own (tasks/limits.run_limited)."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _prepare_model(model_path: Path, workdir: Path) -> Tuple[Path, onnx.ModelProto]:
     """The model as the quantiser should see it: opset >= 13 and shapes inferred where possible."""
     model = onnx.load(str(model_path))
@@ -63,7 +77,11 @@ def _prepare_model(model_path: Path, workdir: Path) -> Tuple[Path, onnx.ModelPro
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         pre = workdir / "model.pre.onnx"
-        quant_pre_process(str(path), str(pre), skip_optimization=True)
+        # where inference stays incomplete, onnxruntime saves the partial model with its weights as
+        # external data into the current folder (sym_shape_infer_temp.onnx + <uuid>.data): a worker's
+        # folder would collect a copy of every such model, so it runs inside the stage's workdir
+        with _current_folder(workdir):
+            quant_pre_process(str(path), str(pre), skip_optimization=True)
         return pre, onnx.load(str(pre))
     except Exception as err:  # noqa: BLE001 - pre-processing is an optional improvement
         log.warning("quantisation pre-processing skipped: %s", err)

@@ -15,6 +15,7 @@ from tasks.quantize import (ORT_DEFAULT, PLACEMENT, QdqCache, check_qdq_structur
                             plan_placement, qdq_cache, qdq_cache_key, qdq_model_from_calibration,
                             quantize_recipe, stats_path_for, store_cached_qdq)
 from tasks.spec import parse_spec
+from tests import models
 from tests.models import save, small_cnn, two_input_model
 from tests.trained import accuracy, int8_hostile_cnn, train_small_cnn
 
@@ -455,3 +456,18 @@ def test_silu_detector_keeps_qdq_off_silu_and_the_box_decoder(tmp_path):
     assert result.residual_adds == ["block.add"]
     assert sorted(result.quantized_nodes) == ["block.add", "block.conv", "head.conv", "stem.conv"]
     assert producers["out"].op_type == "Concat"
+
+
+def test_incomplete_shape_inference_leaves_nothing_in_the_current_folder(tmp_path, monkeypatch, caplog):
+    """onnxruntime writes sym_shape_infer_temp.onnx (+ the weights) into the current folder when its
+    symbolic shape inference stays incomplete; the stage keeps that inside its own workdir."""
+    from tasks.quantize.stage import _prepare_model
+
+    model = save(models.custom_op_model(), tmp_path / "m.onnx")
+    cwd, work = tmp_path / "cwd", tmp_path / "work"
+    cwd.mkdir(), work.mkdir()
+    monkeypatch.chdir(cwd)
+    path, _ = _prepare_model(model, work)
+    assert path == model and "Incomplete symbolic shape inference" in caplog.text
+    assert list(cwd.iterdir()) == [] and Path.cwd() == cwd
+
