@@ -264,6 +264,9 @@ def up(opts: StackOptions, progress: Callable[[str], None] = _say_nothing) -> St
 
             host = socket.gethostname()
             worker_env = dict(base_env, PREFECT_API_URL=api_url, TRTFLOW_BUCKET=bucket)
+            # Prefect's workers ask for new runs every 10 s; a drop passes two of them (convert-model on
+            # cpu, build-engine on gpu) plus each watch poll's run, so the local stack asks every 2 s
+            worker_env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
             expected: Dict[str, List[str]] = {"cpu": [f"cpu-{host}"], "gpu": []}
             procs.append(spawn("worker-cpu", prefect_command() + ["worker", "start", "--pool", "cpu", "--type",
                                                                      "process", "--name", f"cpu-{host}"],
