@@ -106,6 +106,41 @@ def settle_batchnorm(module, size, norm=None, channels: int = 3, count: int = 16
     return module.eval()
 
 
+def train_on_photos(module, size, steps: int, norm=None, batch: int = 16, lr: float = 1e-3):
+    """Train the whole classifier a few hundred steps on a real task: which sample photo a crop
+    comes from (crops at several scales, flipped), so its weights and activations are shaped like a
+    trained network's and the INT8 gate measures TensorRT, not an untrained net's noise: with random
+    weights ResNet-50's INT8 logits kept cosine 0.987-0.989 and 72-84% of the top-1 picks whatever the
+    calibration (2026-12-02, on the H200 and with ONNX Runtime running the Q/DQ model on the CPU).
+    On the GPU when torch has one, else skipped unless ``ZOO_TRAIN_STEPS`` asks (a CPU does ResNet-50's
+    300 steps in tens of minutes); ``ZOO_TRAIN_STEPS`` overrides ``steps`` (0: no training). On the
+    2-core development CPU, EfficientNet-B0 after 80 steps (loss 1.31): its Q/DQ model under ONNX
+    Runtime kept cosine 0.944 / top-1 0.66 against 0.905-0.919 / 0.19 untrained."""
+    import torch
+
+    steps = int(os.environ.get("ZOO_TRAIN_STEPS", steps if torch.cuda.is_available() else 0))
+    if steps <= 0:
+        return module
+    norm = norm or IMAGENET
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kinds = len(images.photos())
+    pool = images.crops(batch * 16, size, seed=21)
+    x_all = torch.from_numpy(images.to_tensor(pool, norm["mean"], norm["std"]))
+    y_all = torch.arange(len(pool)) % kinds  # images.crops takes photo i % len(photos)
+    module.to(dev).train()
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
+    rng = np.random.default_rng(21)
+    for _ in range(steps):
+        idx = torch.from_numpy(rng.choice(len(pool), batch, replace=False))
+        loss = torch.nn.functional.cross_entropy(module(x_all[idx].to(dev)), y_all[idx].to(dev))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(json.dumps({"trained": type(module).__name__, "steps": steps, "device": dev, "last_loss": round(float(loss), 4)}),
+          file=sys.stderr, flush=True)
+    return module.cpu().eval()
+
+
 def seeded(seed: int = 0) -> None:
     import torch
 
@@ -148,7 +183,8 @@ def torchvision_classifier(arch: str, size: int = 224, dynamic_hw: bool = True):
         import torchvision
 
         seeded()
-        model = settle_batchnorm(getattr(torchvision.models, arch)(weights=None), (size, size))
+        model = settle_batchnorm(train_on_photos(getattr(torchvision.models, arch)(weights=None), (size, size),
+                                                 steps=300), (size, size))
         axes = {"images": {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"},
                 "logits": {0: "batch"}}
         torch_export(model, (torch.randn(1, 3, size, size),), pkg / "model.onnx", ["images"], ["logits"], axes)
