@@ -7,7 +7,7 @@
 #
 # Steps run ONE AFTER ANOTHER, in the order given, each within its cap and the round's deadline: on
 # 2026-12-02 everything at once (GPU tests, 4 zoo jobs, the stack) made every build ~10x slower (a
-# small CNN's FP16 build 93 s instead of ~7 s) and nothing finished. Only the zoo's export (CPU,
+# small CNN's FP16 build 93 s instead of ~7 s) and nothing finished. Only the detector's export (CPU,
 # torch) runs beside them, from the start.
 #   tests  tests/gpu, both CUDA backends, 3 xdist workers, every test's outcome listed (-rA)
 #   bench  issue 13's four GPU measures (bench/gpu_bench.sh), one model per process
@@ -27,8 +27,9 @@ left() { echo $(( ROUND_S - ($(date +%s) - start) )); }
 cap() { local want=$1 l; l=$(left); echo $(( want < l ? want : l )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$RES/gpu.txt"
 say "round starts on $(cat "$RES/gpu.txt"); nproc $(nproc); steps: $STEPS; $ROUND_S s"
-# the zoo's packages are CPU work (torch export): made now, beside the GPU steps
-setsid bash -c "OUT=$RES/zoo timeout 400 python3 bench/zoo/export_zoo.py --bucket .zoo --jobs 3 --budget 360 --big \
+# the detector (bench and fp16 need it) is CPU work, exported now beside the GPU steps; the zoo step
+# exports the rest, whose classifiers train on the GPU (train_on_photos) and so wait for their step
+setsid bash -c "OUT=$RES/zoo timeout 300 python3 bench/zoo/export_zoo.py --bucket .zoo --only yolo_style \
   > $RES/zoo/export.log 2>&1" < /dev/null &
 
 step_tests() {
@@ -45,6 +46,7 @@ step_bench() {
   say "bench: $(grep -E '^\{"(measure|step)' "$RES/bench/run.log" | cut -c1-260 | tr '\n' ' ')"
 }
 step_fp16() {
+  for _ in $(seq 1 40); do [ -f .zoo/models/yolo_style/trtflow.yaml ] && break; sleep 3; done
   TRTFLOW_FP16_COMPARE=$PWD/.zoo/models/yolo_style/model.onnx timeout -s INT "$(cap 300)" $TRT_PYTHON -m pytest \
     tests/gpu/test_fp16_graph.py -q -s -p no:cacheprovider -rA --tb=short -k "model and pycuda" > "$RES/fp16-graph.txt" 2>&1
   say "fp16 graph rc $?: $(grep -E 'graph/flag|passed|failed' "$RES/fp16-graph.txt" | tr '\n' ' ' | cut -c1-400)"
@@ -54,7 +56,7 @@ step_stack() {
   say "stack rc $?: $(grep -E '^\{|up took' "$RES/stack.txt" | tr '\n' ' ' | cut -c1-600)"
 }
 step_zoo() {
-  OUT=$RES/zoo bash bench/zoo/gpu.sh all --jobs "$ZOO_JOBS" --budget "$(left)" --per-model 420 \
+  ZOO_BIG=1 OUT=$RES/zoo bash bench/zoo/gpu.sh all --jobs "$ZOO_JOBS" --budget "$(left)" --per-model 420 \
     --only "$ZOO_ORDER" > "$RES/zoo/zoo-run.log" 2>&1
   say "zoo: $(tail -2 "$RES/zoo/zoo-run.log" | tr '\n' ' ' | cut -c1-300)"
 }
