@@ -258,11 +258,10 @@ def int8(args: Any, state: Dict[str, Any]) -> Dict[str, Any]:
                                         for k, v in t.items()}
         out[f"{model}_build_s"] = dict(builds, qdq_vs_fp16=round(builds["int8_qdq"] / builds["fp16"], 3)
                                        if "int8_qdq" in builds else None)
-    r128 = out.get("resnet50_b128", {})
-    best = max((v["vs_fp16"] for k, v in r128.items() if k != "fp16"), default=None)
-    qdq_build = (out.get("resnet50_build_s") or {}).get("qdq_vs_fp16")
     per_pair = {k: max((x["vs_fp16"] for n, x in v.items() if n != "fp16"), default=None)
                 for k, v in out.items() if "_b" in k and isinstance(v, dict) and "fp16" in v}
+    best = per_pair.get("resnet50_b128")
+    qdq_build = (out.get("resnet50_build_s") or {}).get("qdq_vs_fp16")
     return {"resnet50_b128_int8_vs_fp16": best, "best_int8_vs_fp16": per_pair, "goal": ">= 1.3 at 128 on ResNet-50; Q/DQ build <= 2x FP16",
             "resnet50_qdq_build_vs_fp16": qdq_build,
             "ok": bool(best and best >= 1.3 and qdq_build is not None and qdq_build <= 2.0), "detail": out}

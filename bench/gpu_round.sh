@@ -32,6 +32,7 @@ say "round starts on $(cat "$RES/gpu.txt"); nproc $(nproc); steps: $STEPS; $ROUN
 setsid bash -c "OUT=$RES/zoo timeout 300 python3 bench/zoo/export_zoo.py --bucket .zoo --only yolo_style \
   > $RES/zoo/export.log 2>&1" < /dev/null &
 
+detector_exported() { for _ in $(seq 1 40); do [ -f .zoo/models/yolo_style/trtflow.yaml ] && return; sleep 3; done; }
 step_tests() {
   TRT_EXTRA_PYTHONPATH=/opt/py39x timeout -s INT "$(cap 540)" $TRT_PYTHON -m pytest tests/gpu -q -p no:cacheprovider \
     -n 3 -rA --tb=short --durations=10 > "$RES/tests-gpu.txt" 2>&1
@@ -40,13 +41,13 @@ step_tests() {
 }
 step_bench() {
   mkdir -p /tmp/gpu-bench/zoo/models
-  for _ in $(seq 1 40); do [ -f .zoo/models/yolo_style/trtflow.yaml ] && break; sleep 3; done
+  detector_exported
   ln -sfn "$PWD/.zoo/models/yolo_style" /tmp/gpu-bench/zoo/models/yolo_style
   OUT=$RES/bench BUDGET_S=$(cap 600) bash bench/gpu_bench.sh > "$RES/bench/run.log" 2>&1
   say "bench: $(grep -E '^\{"(measure|step)' "$RES/bench/run.log" | cut -c1-260 | tr '\n' ' ')"
 }
 step_fp16() {
-  for _ in $(seq 1 40); do [ -f .zoo/models/yolo_style/trtflow.yaml ] && break; sleep 3; done
+  detector_exported
   TRTFLOW_FP16_COMPARE=$PWD/.zoo/models/yolo_style/model.onnx timeout -s INT "$(cap 300)" $TRT_PYTHON -m pytest \
     tests/gpu/test_fp16_graph.py -q -s -p no:cacheprovider -rA --tb=short -k "model and pycuda" > "$RES/fp16-graph.txt" 2>&1
   say "fp16 graph rc $?: $(grep -E 'graph/flag|passed|failed' "$RES/fp16-graph.txt" | tr '\n' ' ' | cut -c1-400)"

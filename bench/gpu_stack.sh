@@ -41,11 +41,12 @@ while time.time() - dropped < limit and len(done) < len(names):
         if n not in done and r.get("status") in ("published", "cached", "failed"):
             done[n] = {"model": n, "status": r["status"], "drop_to_published_s": round(time.time() - dropped, 1),
                        "latest_engine": r.get("latest_engine"), "reason": r.get("reason")}
-            try:  # the GPU subprocesses' time, as bench/pipeline_overhead.py reads it: overhead = the rest
+            try:  # the GPU subprocesses' time, read as measure 5 reads it: overhead = the rest
+                sys.path.insert(0, "bench")
+                from pipeline_overhead import _gpu_seconds
                 from tasks.storage import open_storage
                 st = open_storage(bucket)
-                conv = st.read_json(st.read_json(f"engines/{n}/latest.json")["conversion"]) or {}
-                done[n]["gpu_s"] = round(sum(p.get("gpu_seconds") or 0.0 for p in conv.get("precisions", {}).values()), 2)
+                done[n]["gpu_s"] = _gpu_seconds(st, st.read_json(f"engines/{n}/latest.json"))
                 done[n]["overhead_s"] = round(done[n]["drop_to_published_s"] - done[n]["gpu_s"], 1)
             except Exception as err:  # noqa: BLE001 - the timing line still prints
                 done[n]["gpu_s_error"] = repr(err)[:200]

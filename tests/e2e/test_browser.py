@@ -83,6 +83,15 @@ def _ui_runs(client, model_uri: str):
     return [r for r in runs if r.parameters.get("request", {}).get("model_uri") == model_uri]
 
 
+def _open_run_found_through_the_api(browser, client, ui_url: str, model_uri: str):
+    """The id of the convert-model run for ``model_uri`` (its page opened), or None if there is none."""
+    created = _ui_runs(client, model_uri)
+    if not created:
+        return None
+    browser.get(f"{ui_url}/runs/flow-run/{created[0].id}")
+    return str(created[0].id)
+
+
 def _dump_browser_logs(driver, path: Path) -> None:
     """Console messages and the UI's API calls that were not plain GETs or failed, for diagnosis."""
     lines = [f"console {e['level']}: {e['message']}" for e in driver.get_log("browser")]
@@ -151,16 +160,12 @@ def test_start_a_conversion_from_the_ui_form(e2e_stack, e2e_client, quiet_watche
                 except TimeoutException:
                     # the Runs tab did not list it within the wait (seen once in CI on a loaded 2-core
                     # machine): the toast said the run was created, so find it by its request and open it
-                    created = _ui_runs(e2e_client, model_uri)
-                    assert created, f"the UI said {run_name!r} was scheduled, but no such run exists"
-                    run_id = str(created[0].id)
-                    browser.get(f"{e2e_stack.ui_url}/runs/flow-run/{run_id}")
+                    run_id = _open_run_found_through_the_api(browser, e2e_client, e2e_stack.ui_url, model_uri)
+                    assert run_id, f"the UI said {run_name!r} was scheduled, but no such run exists"
                 break
             _dump_browser_logs(browser, tmp_path / f"browser-attempt{attempt}.log")
-            created = _ui_runs(e2e_client, model_uri)
-            if created:  # the error came from another request; the run exists
-                run_id = str(created[0].id)
-                browser.get(f"{e2e_stack.ui_url}/runs/flow-run/{run_id}")
+            run_id = _open_run_found_through_the_api(browser, e2e_client, e2e_stack.ui_url, model_uri)
+            if run_id:  # the error came from another request; the run exists
                 break
         assert run_id, "the UI could not create the run in 3 attempts (see browser-attempt*.log)"
         wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(normalize-space(), 'convert-model')]")))
