@@ -89,7 +89,8 @@ def build_manifest(*, name: str, package, spec, gpu_env: dict, precision: str, e
                    "profiles": engine.get("profiles"), "io": engine.get("io"),
                    "strongly_typed": engine.get("strongly_typed"), "builder_flags": engine.get("builder_flags"),
                    "typing": engine.get("typing"), "deprecations": engine.get("deprecations") or [],
-                   "layer_precisions": (layers or {}).get("precisions")},
+                   "layer_precisions": (layers or {}).get("precisions"),
+                   "layer_note": (layers or {}).get("note")},  # e.g. an INT8 engine that runs no INT8 layer
         "target": {"tensorrt": gpu_env.get("tensorrt"), "cuda_runtime": gpu_env.get("cuda_runtime"),
                    "driver": gpu_env.get("driver"), "gpu": gpu_env.get("gpu"),
                    "compute_capability": gpu_env.get("compute_capability"), "sm": gpu_env.get("sm"),

@@ -289,6 +289,21 @@ def layer_precisions(info: Any) -> Dict[str, int]:
     return counts
 
 
+def int8_layer_note(precision: str, int8_mode: Optional[str], precisions: Dict[str, int]) -> Optional[str]:
+    """What to tell the user when an INT8 engine runs no layer in INT8 although every layer's precision
+    was read. With the implicit calibrator TensorRT times INT8 against FP16/FP32 kernels per layer and
+    keeps the fastest: on small layers (few channels, small images) those are float kernels, and the
+    engine is then correct but no faster than FP16. Q/DQ nodes pin INT8 where they sit."""
+    if precision != "int8" or not precisions or precisions.get("int8") or precisions.get("unknown", 0) >= sum(
+            precisions.values()):
+        return None
+    floats = ", ".join(f"{n} {precisions[n]}" for n in ("fp16", "fp32") if precisions.get(n))
+    how = ("TensorRT found its float kernels faster than INT8 for every layer (typical of small layers)"
+           if int8_mode == "calibrator" else "TensorRT ran every layer in a float type")
+    return (f"no layer of this INT8 engine runs in INT8 ({floats}): {how}; the engine is correct but gives no "
+            f"INT8 speed-up. Q/DQ (calibration.mode: qdq) pins INT8 at its nodes; or build fp16 instead.")
+
+
 def unknown_layers(info: Any, limit: int = 20) -> List[Dict[str, str]]:
     """The layers counted "unknown", with their tactic names: what to read when a precision is missing."""
     return [{"name": r["name"], "type": r["type"], "tactic": r["tactic"]}
@@ -544,6 +559,10 @@ def build_engine(request: Dict[str, Any], trt: Any = None, logger: Any = None) -
         "layers": _inspect_layers(trt, engine, caps, profiles, out_dir),
         "calibration": calibrator.summary() if calibrator is not None else None,
     }
+    note = int8_layer_note(plan.precision, request.get("int8_mode"), response["layers"]["precisions"])
+    if note:
+        log.warning("%s", note)
+        response["layers"]["note"] = note
     return BuildResult(response=response, engine=engine, runtime=runtime, plan=plan, profiles=profiles)
 
 

@@ -290,3 +290,16 @@ def test_a_layer_named_int8_or_writing_int8_is_int8_and_unknown_layers_name_thei
          "Inputs": [{"Format/Datatype": "N/A due to dynamic shapes"}]}]}
     assert layer_precisions(info) == {"int8": 2, "unknown": 1}
     assert unknown_layers(info) == [{"name": "shuffle", "type": "NoOp", "tactic": "0x0000000000000000"}]
+
+
+def test_an_int8_engine_without_int8_layers_gets_a_note_naming_the_float_kernels_and_the_fix():
+    from tasks.gpu.build import int8_layer_note
+
+    note = int8_layer_note("int8", "calibrator", {"fp32": 5, "unknown": 3})
+    assert note.startswith("no layer of this INT8 engine runs in INT8 (fp32 5)")
+    assert "float kernels faster than INT8" in note and "calibration.mode: qdq" in note
+    assert int8_layer_note("int8", "calibrator", {"int8": 1, "fp32": 4}) is None
+    assert int8_layer_note("fp16", None, {"fp32": 5}) is None
+    # nothing read (no inspector details): no claim either way
+    assert int8_layer_note("int8", "calibrator", {"unknown": 8}) is None
+    assert int8_layer_note("int8", "qdq", {}) is None
