@@ -136,9 +136,12 @@ def timed(plans: Dict[str, str], shape: Dict[str, List[int]], rounds: int) -> Di
 def independent(plan: str, shape: List[int], seconds: float = 3.0) -> Dict[str, Any]:
     """Enqueue-ahead throughput with nothing of trtflow: pycuda buffers, execute_async_v3 back to back,
     events around 10 windows (run in its own process by ``--independent``)."""
-    import pycuda.autoinit  # noqa: F401 - creates the context
     import pycuda.driver as cuda
     import tensorrt as trt
+
+    # not pycuda.autoinit: it imports pycuda.tools, whose `X | Y` annotations fail on Python 3.9
+    cuda.init()
+    cuda.Device(0).retain_primary_context().push()
 
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)

@@ -4,8 +4,9 @@
 # returns at most 8 files; a machine taken away later loses nothing this call packed).
 #   bash bench/gpu_wait.sh 580
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}; RES=/tmp/res; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}
+cd /tmp/round 2>/dev/null || cd "$(dirname "$0")/.."  # the round runs from its copy (bench/gpu_round.sh)
+export PYTHONPATH=/opt/py312:$PWD; RES=/tmp/res; mkdir -p "$OUT"
 end=$(( $(date +%s) + ${1:-580} ))
 while [ ! -f "$RES/DONE" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
 cat "$RES/summary.txt" 2>/dev/null
@@ -14,4 +15,6 @@ python3 bench/zoo/run_zoo.py table --bucket .zoo --out "$RES/zoo/zoo-table.md" 2
 cp .zoo/_zoo/results.jsonl "$RES/zoo/zoo-results-all.jsonl" 2>/dev/null
 tar -C "$RES" -czf "$OUT/res.tgz" . 2>/dev/null
 cp "$RES/summary.txt" "$OUT/" 2>/dev/null
+ps -eo pid,etimes,pcpu,args --sort=-pcpu | grep -E "tasks.gpu|pytest|run_zoo|export_zoo|gpu_bench|pipeline_overhead" \
+  | grep -v grep | cut -c1-160 | head -8
 uptime; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader

@@ -47,14 +47,16 @@ case "$step" in
     # export: at most a third of the budget; what it does not finish, the next call exports
     timeout $((budget / 3 + 30)) python3 bench/zoo/export_zoo.py --bucket "$ZOO" --jobs 4 --budget $((budget / 3)) ${ZOO_BIG:+--big} 2>&1 \
       | grep -E '^\{' | cut -c1-300 | tee -a "$OUT/zoo-export.txt"
-    # two passes: every model's FP16 first (short builds), then INT8 for the models that try it, so a
-    # slow INT8 build never keeps a model's FP16 result from the table
-    for pass in fp16 int8; do
+    # passes: by default every model's FP16 first (short builds), then INT8 for the models that try it,
+    # so a slow INT8 build never keeps a model's FP16 result from the table. ZOO_PASSES="precision:names
+    # ..." orders them otherwise, e.g. "fp16:a,b int8:a,b fp16:c" (names empty: --only's, or all)
+    for pass in ${ZOO_PASSES:-fp16: int8:}; do
+      precision=${pass%%:*}; names=${pass#*:}
       left=$((budget - (SECONDS - start) - 20))
-      echo "$pass pass after $((SECONDS - start)) s; converting for $left s with $jobs jobs"
+      echo "$precision pass (${names:-all}) after $((SECONDS - start)) s; converting for $left s with $jobs jobs"
       [ "$left" -gt 45 ] || break
       timeout $((left + 15)) python3 bench/zoo/run_zoo.py convert --bucket "$ZOO" --budget "$left" --jobs "$jobs" \
-        --precisions "$pass" "${rest[@]}" 2>&1 | grep -E '^\{' | cut -c1-300
+        --precisions "$precision" "${rest[@]}" ${names:+--only "$names"} 2>&1 | grep -E '^\{' | cut -c1-300
     done
     python3 bench/zoo/run_zoo.py table --bucket "$ZOO" --out "$OUT/zoo-table.md" | tail -4
     cp "$ZOO/_zoo/results.jsonl" "$OUT/zoo-results.jsonl"
