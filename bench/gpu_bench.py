@@ -141,7 +141,17 @@ def independent(plan: str, shape: List[int], seconds: float = 3.0) -> Dict[str, 
 
     # not pycuda.autoinit: it imports pycuda.tools, whose `X | Y` annotations fail on Python 3.9
     cuda.init()
-    cuda.Device(0).retain_primary_context().push()
+    context = cuda.Device(0).retain_primary_context()
+    context.push()
+    try:
+        return _independent_in(plan, shape, seconds)  # its buffers and engine are freed on return, context still current
+    finally:
+        context.pop()  # pycuda aborts the process at exit while a context is still pushed (seen on the H200)
+
+
+def _independent_in(plan: str, shape: List[int], seconds: float) -> Dict[str, Any]:
+    import pycuda.driver as cuda
+    import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
@@ -216,11 +226,17 @@ def honesty(args: Any, state: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def warm_rebuild(args: Any, state: Dict[str, Any]) -> Dict[str, Any]:
-    cold = state.setdefault("resnet50-fp16", trtflow_build(args, "resnet50", "fp16", args.work / "resnet50-fp16"))
-    cache = args.work / "resnet50-fp16" / "timing.cache"
-    warm = trtflow_build(args, "resnet50", "fp16", args.work / "resnet50-fp16-warm", cache_in=cache)
+    """At ``--warm-level`` (default 3, the spec's default): at level 1 (H200, 2026-12-02) the warm build
+    still took 17.0 of the cold 34.2 s, since level 1 times few tactics and the cache saves only timing."""
+    level = argparse.Namespace(**dict(vars(args), level=args.warm_level))
+    cold_dir = args.work / ("resnet50-fp16" if args.warm_level == args.level else f"resnet50-fp16-L{args.warm_level}")
+    cold = trtflow_build(level, "resnet50", "fp16", cold_dir)
+    if args.warm_level == args.level:
+        state.setdefault("resnet50-fp16", cold)
+    cache = cold_dir / "timing.cache"
+    warm = trtflow_build(level, "resnet50", "fp16", cold_dir.with_name(cold_dir.name + "-warm"), cache_in=cache)
     ratio = warm["build_seconds"] / cold["build_seconds"]
-    return {"cold_build_s": cold["build_seconds"], "warm_build_s": warm["build_seconds"],
+    return {"warm_level": args.warm_level, "cold_build_s": cold["build_seconds"], "warm_build_s": warm["build_seconds"],
             "cache_bytes": cache.stat().st_size if cache.exists() else None, "warm_timing_cache": warm["timing_cache"],
             "ratio": round(ratio, 4), "goal": "<= 0.25", "ok": ratio <= 0.25}
 
@@ -261,12 +277,18 @@ def int8(args: Any, state: Dict[str, Any]) -> Dict[str, Any]:
                                         for k, v in t.items()}
         out[f"{model}_build_s"] = dict(builds, qdq_vs_fp16=round(builds["int8_qdq"] / builds["fp16"], 3)
                                        if "int8_qdq" in builds else None)
+    return int8_summary(out)
+
+
+def int8_summary(out: Dict[str, Any]) -> Dict[str, Any]:
+    """Measure 3's figures from the per-model detail: the best INT8 variant against FP16 per timed
+    pair ("<model>_b32", "<model>_b128"; "<model>_build_s" holds build seconds, no pair)."""
     per_pair = {k: max((x["vs_fp16"] for n, x in v.items() if n != "fp16"), default=None)
-                for k, v in out.items() if "_b" in k and isinstance(v, dict) and "fp16" in v}
+                for k, v in out.items() if k.rsplit("_b", 1)[-1].isdigit()}
     best = per_pair.get("resnet50_b128")
     qdq_build = (out.get("resnet50_build_s") or {}).get("qdq_vs_fp16")
-    return {"resnet50_b128_int8_vs_fp16": best, "best_int8_vs_fp16": per_pair, "goal": ">= 1.3 at 128 on ResNet-50; Q/DQ build <= 2x FP16",
-            "resnet50_qdq_build_vs_fp16": qdq_build,
+    return {"resnet50_b128_int8_vs_fp16": best, "best_int8_vs_fp16": per_pair,
+            "goal": ">= 1.3 at 128 on ResNet-50; Q/DQ build <= 2x FP16", "resnet50_qdq_build_vs_fp16": qdq_build,
             "ok": bool(best and best >= 1.3 and qdq_build is not None and qdq_build <= 2.0), "detail": out}
 
 
@@ -279,6 +301,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-bench"))
     ap.add_argument("--out", type=Path, default=Path("/tmp/out"))
     ap.add_argument("--level", type=int, default=1, help="builder optimisation level, both sides of every pair")
+    ap.add_argument("--warm-level", type=int, default=3, help="optimisation level of measure 4's two builds")
     ap.add_argument("--workspace-mib", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3, help="A/B interleaved timing rounds")
     ap.add_argument("--build-timeout", type=float, default=300)

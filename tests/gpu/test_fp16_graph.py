@@ -3,7 +3,7 @@ the FP16 builder flag on the same TensorRT: throughput within 10% and the FP16 g
 
 ResNet-50 (tests/resnet50.py, random weights) always; more models (e.g. the zoo's detector) with
 ``TRTFLOW_FP16_COMPARE=/path/a.onnx:/path/b.onnx`` (a dynamic batch gets the default profile).
-Four ResNet-50 builds take about 3 minutes on the H200, so this runs with one CUDA backend only::
+Both builds of a model use tests/gpu/test_engines.py's LEVEL; the comparison runs once per model, with pycuda::
 
     /opt/trt/bin/trt-python -m pytest tests/gpu/test_fp16_graph.py -q -s -k pycuda
 """
@@ -17,7 +17,7 @@ import pytest
 
 from tasks.fp16 import fp16_graph_from_onnx
 from tests.gpu.conftest import _backend_imports
-from tests.gpu.test_engines import compare, engine, engine_request, eval_inputs, reference
+from tests.gpu.test_engines import LEVEL, compare, engine, engine_request, eval_inputs, reference
 from tests.models import save
 from tests.resnet50 import resnet50
 
@@ -56,7 +56,13 @@ def _inputs(model: Path, tmp: Path) -> Path:
     return eval_inputs(tmp / "eval.npz", [8], make)
 
 
-@pytest.mark.parametrize("name", MODELS, ids=[Path(m).stem for m in MODELS])
+def _id(model: str) -> str:
+    """resnet50, or a zoo package's name for its model.onnx (e.g. yolo_style)."""
+    path = Path(model)
+    return path.parent.name if path.name == "model.onnx" else path.stem
+
+
+@pytest.mark.parametrize("name", MODELS, ids=[_id(m) for m in MODELS])
 def test_fp16_graph_is_as_fast_as_the_fp16_flag_and_passes_the_gate(name, tmp_path, cuda_backend):
     if cuda_backend == "cuda-python" and _backend_imports("pycuda") is None:
         pytest.skip("throughput is compared once per model, with pycuda")
@@ -77,7 +83,7 @@ def test_fp16_graph_is_as_fast_as_the_fp16_flag_and_passes_the_gate(name, tmp_pa
                        "cosine": min(compare(resp["eval"]["outputs"], want).values()), "typing": e["typing"],
                        "flags": e["builder_flags"], "layers": resp["layers"]["precisions"], "build_s": e["build_seconds"]}
     ratio = rows["graph"]["throughput"] / rows["flag"]["throughput"]
-    print(f"\n{Path(name).stem} FP16 ({graph.converter}): flag {rows['flag']}\n  graph {rows['graph']}\n"
-          f"  graph/flag throughput {ratio:.3f}")
+    print(f"\n{_id(name)} FP16 ({graph.converter}, optimisation level {LEVEL}): flag {rows['flag']}\n"
+          f"  graph {rows['graph']}\n  graph/flag throughput {ratio:.3f}")
     assert rows["graph"]["cosine"] >= 0.999 and rows["flag"]["cosine"] >= 0.999  # the FP16 gate's default
     assert ratio >= 0.9, f"the FP16 graph runs at {ratio:.0%} of the FP16 flag's throughput"
