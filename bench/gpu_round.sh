@@ -57,7 +57,7 @@ step_fp16() {
   say "fp16 graph rc $?: $(grep -E 'graph/flag|passed|failed' "$RES/fp16-graph.txt" | tr '\n' ' ' | cut -c1-400)"
 }
 step_stack() {
-  timeout "$(cap 360)" python3 bench/pipeline_overhead.py --real --limit 200 > "$RES/stack.txt" 2> "$RES/stack.err"
+  timeout "$(cap 420)" python3 bench/pipeline_overhead.py --real --limit 200 > "$RES/stack.txt" 2> "$RES/stack.err"
   say "stack rc $?: $(cut -c1-700 "$RES/stack.txt" | tr '\n' ' ')"
 }
 step_bench() {

@@ -164,7 +164,9 @@ def detect_gpus(workdir: Path) -> Tuple[List[str], str]:
         try:
             out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                                  text=True, timeout=30)
-            ids = [line.strip() for line in out.stdout.splitlines() if line.strip()] or ids
+            # indices only: each becomes a worker's name and bucket key (an nvidia-smi that prints
+            # anything else, e.g. an error or a wrapper's banner, must not name a worker)
+            ids = [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] or ids
         except (OSError, subprocess.SubprocessError):
             pass
     return ids, f"TensorRT {env.tensorrt} on {env.gpu} ({len(ids)} GPU(s))"

@@ -1,6 +1,7 @@
 """trtflow up/down internals: stopping exactly what was started, and the rendered prefect.yaml."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -116,3 +117,23 @@ def test_down_without_a_stack_says_so(tmp_path):
 
     result = CliRunner().invoke(app, ["down", "--state-dir", str(tmp_path)])
     assert result.exit_code == 0 and "nothing was running" in result.output
+
+
+def test_gpu_workers_are_named_only_by_the_indices_nvidia_smi_prints(tmp_path, monkeypatch):
+    """A worker's name becomes its bucket key: an nvidia-smi that answers with anything but indices
+    (a wrapper's banner, an error line) once named a worker 'gpuFAKE GPU, 0.0, 1 MiB-vm', whose
+    start-up then failed on the key."""
+    from tests.doubles import make_trt_python_double
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"  # TEST DOUBLE of nvidia-smi
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed, 0.0, 1 MiB'\necho 0\necho 1\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("TRT_PYTHON", str(make_trt_python_double(tmp_path / "double")))
+    monkeypatch.delenv("TRTFLOW_GPUS", raising=False)
+    ids, why = stack.detect_gpus(tmp_path / "work")
+    assert ids == ["0", "1"] and why.endswith("(2 GPU(s))")
+    smi.write_text("#!/bin/sh\necho 'No devices were found'\n")
+    assert stack.detect_gpus(tmp_path / "work")[0] == ["0"]
