@@ -61,9 +61,20 @@ def _ort_batch(model: onnx.ModelProto, data: CalibrationData) -> Tuple[int, bool
     return max(1, min(16, data.samples)), False
 
 
-def _stride(batches: int, batch: int) -> int:
-    limit = max(1, _CHUNK_SAMPLES // batch)
+def _stride(batches: int, batch: int, chunk_samples: int = _CHUNK_SAMPLES) -> int:
+    """Batches per collect_data call: the largest divisor of ``batches`` within ``chunk_samples``."""
+    limit = max(1, chunk_samples // batch)
     return max(d for d in range(1, min(limit, batches) + 1) if batches % d == 0)
+
+
+# Samples whose activations onnxruntime's histogram calibrators (entropy, percentile) hold at once.
+# quantize_static collects in strides of CalibStridedMinMax batches for every method, and the
+# histogram collector merges across strides; at min-max's 64 samples, ConvNeXt-T at 224x224 ran out
+# of the stage's 16 GiB (limits.cpu_memory_mib) in a BFCArena allocation (histograms copy each tensor).
+_HISTOGRAM_CHUNK_SAMPLES = 8
+
+
+_OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|bad_alloc|std::bad_alloc|out of memory", re.I)
 
 
 def _quantize_onnxruntime(model_path: Path, data: CalibrationData, spec: ModelSpec, placement: Placement,
@@ -84,7 +95,8 @@ def _quantize_onnxruntime(model_path: Path, data: CalibrationData, spec: ModelSp
         "MatMulConstBOnly": True,
         "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS) + ["Add"],
         "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1, "MatMul": -1},
-        "CalibStridedMinMax": _stride(len(reader), batch),
+        "CalibStridedMinMax": _stride(len(reader), batch, _CHUNK_SAMPLES if spec.calibration.method == "minmax"
+                                      else _HISTOGRAM_CHUNK_SAMPLES),
         "CalibPercentile": spec.calibration.percentile,
     }
     kwargs: Dict[str, Any] = dict(
@@ -116,6 +128,13 @@ def _quantize_onnxruntime(model_path: Path, data: CalibrationData, spec: ModelSp
         raise InfraError(f"onnxruntime ran out of memory calibrating the model: {err}",
                          fix="Run on a worker with more memory or lower calibration.max_samples.") from err
     except Exception as err:  # noqa: BLE001 - onnxruntime raises ValueError/RuntimeError/its own Fail types
+        if _OUT_OF_MEMORY.search(str(err)):
+            # the stage's own address-space limit, most often: the same again would fail the same way
+            raise ModelError(f"onnxruntime ran out of memory calibrating the model with the {spec.calibration.method} "
+                             f"method (this stage may use limits.cpu_memory_mib = {spec.limits.cpu_memory_mib} MiB): "
+                             f"{type(err).__name__}: {str(err)[:300]}",
+                             fix="Raise limits.cpu_memory_mib in trtflow.yaml (the worker needs that much memory), "
+                                 "or lower calibration.max_samples.") from err
         raise ModelError(f"onnxruntime could not calibrate and quantise the model with the {spec.calibration.method} "
                          f"method: {type(err).__name__}: {err}",
                          fix="Try calibration.method minmax (the percentile histograms fail on constant tensors), "

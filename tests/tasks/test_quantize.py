@@ -471,3 +471,50 @@ def test_incomplete_shape_inference_leaves_nothing_in_the_current_folder(tmp_pat
     assert path == model and "Incomplete symbolic shape inference" in caplog.text
     assert list(cwd.iterdir()) == [] and Path.cwd() == cwd
 
+
+
+# ---- memory: histogram calibration in chunks, and running out of it ------------------------------
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_collects_in_chunks_and_stays_within_the_gate(trained, tmp_path, monkeypatch, method):
+    """onnxruntime's entropy/percentile calibrators hold a stride's activations and copies of them
+    (ConvNeXt-T, strides of 64 samples: out of the stage's 16 GiB); their strides are 8 samples."""
+    from onnxruntime.quantization import calibrate
+
+    from tasks.quantize import backends
+
+    calls = []
+    whole = calibrate.HistogramCalibrater.collect_data
+
+    def counting(self, reader):  # TEST DOUBLE around onnxruntime's own collect_data: counts the strides
+        calls.append(reader._end - reader._start)
+        return whole(self, reader)
+
+    monkeypatch.setattr(calibrate.HistogramCalibrater, "collect_data", counting)
+    path, eval_x, eval_y, calib = trained
+    s = spec(method=method)
+    data = load_calibration_data(calib, s, [{"name": "images", "dtype": "float32", "shape": ["N", 3, 16, 16]}])
+    result = qdq_model_from_calibration(path, data, s, tmp_path / "model.qdq.onnx")
+    batches = -(-data.samples // 16)  # onnxruntime's batch for a dynamic batch dim (tasks/quantize/backends.py)
+    per_chunk = max(1, backends._HISTOGRAM_CHUNK_SAMPLES // 16)
+    assert len(calls) == -(-batches // per_chunk) > 1 and sum(calls) == batches  # strides, each batch once
+    passed, summary = int8_gate(run(path, {"images": eval_x}), run(result.out_path, {"images": eval_x}),
+                                s.tolerance("int8"))
+    assert passed, summary
+
+
+def test_onnxruntime_out_of_memory_names_the_stage_limit_and_the_fix(trained, tmp_path, monkeypatch):
+    import onnxruntime.quantization as oq
+
+    def out_of_memory(*args, **kwargs):  # TEST DOUBLE: what onnxruntime raised for ConvNeXt-T (2026-12-02)
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Mul node. "
+                           "Status Message: bfc_arena.cc:360 AllocateRawInternal Failed to allocate memory for "
+                           "requested buffer of size 12845056")
+
+    monkeypatch.setattr(oq, "quantize_static", out_of_memory)
+    path, _, _, calib = trained
+    s = spec(method="entropy")
+    data = load_calibration_data(calib, s, [{"name": "images", "dtype": "float32", "shape": ["N", 3, 16, 16]}])
+    with pytest.raises(ModelError) as err:
+        qdq_model_from_calibration(path, data, s, tmp_path / "model.qdq.onnx")
+    assert "ran out of memory" in err.value.message and "limits.cpu_memory_mib = 16384 MiB" in err.value.message
+    assert err.value.fix.startswith("Raise limits.cpu_memory_mib") and "constant tensors" not in err.value.fix
