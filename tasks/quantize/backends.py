@@ -74,7 +74,7 @@ def _stride(batches: int, batch: int, chunk_samples: int = _CHUNK_SAMPLES) -> in
 _HISTOGRAM_CHUNK_SAMPLES = 8
 
 
-_OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|bad_alloc|std::bad_alloc|out of memory", re.I)
+_OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|bad_alloc|out of memory", re.I)
 
 
 def _quantize_onnxruntime(model_path: Path, data: CalibrationData, spec: ModelSpec, placement: Placement,
