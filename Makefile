@@ -44,9 +44,11 @@ browser-deps:
 	else echo "browser-deps: not root; the browser test will skip unless chromium is installed"; fi
 
 ## test: everything that runs without a GPU (GPU tests skip with their reason)
+##       TRTFLOW_CPU_THREADS=1: two workers on 2 cores, so ONNX Runtime sessions get one thread that does
+##       not spin (its default, a spinning thread per core, competes with the other worker's Prefect stack)
 test: $(STAMP) browser-deps
-	@echo "trtflow: running the test suite in 2 processes (most of the e2e tests' time is waiting on Prefect servers and workers)"
-	$(BIN)/python -m pytest -q tests -n 2 --dist loadfile
+	@echo "trtflow: running the test suite in 2 processes: the e2e tests (Prefect stacks) one at a time in one, unit tests in the other"
+	TRTFLOW_CPU_THREADS=1 $(BIN)/python -m pytest -q tests -n 2 --dist loadgroup
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not e2e and not browser"

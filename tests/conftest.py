@@ -14,6 +14,28 @@ import pytest
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+
+@pytest.hookimpl(optionalhook=True)  # only called where pytest-xdist is installed
+def pytest_xdist_make_scheduler(config, log):
+    """With ``--dist loadgroup`` (`make test`): tests/e2e runs in one worker, one test at a time.
+
+    Why: on CI's 2 cores two Prefect stacks at once (each a server on SQLite, workers and flow-run
+    processes) starved each other: the server answered 503 and test_two_pools missed its 15 s
+    feedback bound. Unit tests are spread as with ``--dist load`` and share the other worker.
+    Written here rather than with ``xdist_group`` marks: xdist 3.8 groups by rewriting
+    ``item._nodeid``, which pytest 9.2's node ids no longer read, so those marks group nothing.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class PrefectStacksOneAtATime(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/e2e" if nodeid.startswith("tests/e2e/") else nodeid
+
+    return PrefectStacksOneAtATime(config, log)
+
+
 FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
