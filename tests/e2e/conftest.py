@@ -88,6 +88,16 @@ def running_stack(moto_endpoint: str, state: Path, gpus: Optional[List[str]] = N
         assert stack.status(state) is None
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests that share ``e2e_stack`` run last, side by side.
+
+    Why: the shared stack lives until the session ends, and an idle stack is not idle: its watcher
+    starts a flow-run process every WATCH_INTERVAL seconds and its workers poll every second, which
+    on CI's 2 cores slowed every e2e test that ran after the first user of the stack.
+    """
+    items.sort(key=lambda item: "e2e_stack" in getattr(item, "fixturenames", ()))  # stable: else in order
+
+
 @pytest.fixture(scope="session")
 def e2e_stack(_moto_server_endpoint: str, tmp_path_factory) -> Iterator[stack.StackInfo]:
     with running_stack(_moto_server_endpoint, tmp_path_factory.mktemp("trtflow-stack")) as info:
