@@ -156,7 +156,9 @@ def _engine(req: dict) -> dict:
     if req.get("timing_cache_out"):
         prior = Path(req["timing_cache_in"]).read_bytes() if req.get("timing_cache_in") and Path(req["timing_cache_in"]).exists() else b""
         Path(req["timing_cache_out"]).write_bytes(prior + b"double-cache-entry\n")
-    sess = ort.InferenceSession(req["onnx_path"], providers=["CPUExecutionProvider"])
+    from tasks.cpu_threads import session_options  # TRTFLOW_CPU_THREADS, as trtflow's own CPU sessions
+
+    sess = ort.InferenceSession(req["onnx_path"], session_options(), providers=["CPUExecutionProvider"])
     result = {"ok": True, "env": ENV,
               "engine": {"path": str(plan), "bytes": plan.stat().st_size,
                          "sha256": hashlib.sha256(plan.read_bytes()).hexdigest(),

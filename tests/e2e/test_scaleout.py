@@ -31,14 +31,15 @@ from flows import stack, supervise
 from tests import models
 from tests.e2e.conftest import REAL_GPU, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800 if REAL_GPU else 420)]
+# Hang guards, not timing asserts: alone on CI's 2 cores the 6 conversions take ~100 s of a 213 s test.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800 if REAL_GPU else 720)]
 
 N_MODELS = int(os.environ.get("TRTFLOW_SCALEOUT_MODELS", "8" if REAL_GPU else "6"))
 COMPARE = os.environ.get("TRTFLOW_SCALEOUT_COMPARE") == "1"
 MIN_SPEEDUP = float(os.environ.get("TRTFLOW_SCALEOUT_MIN_SPEEDUP", "0"))
 CHANNELS = int(os.environ.get("TRTFLOW_SCALEOUT_CHANNELS", "64" if REAL_GPU else "8"))
 SIZE = int(os.environ.get("TRTFLOW_SCALEOUT_SIZE", "64" if REAL_GPU else "32"))
-PHASE_TIMEOUT_S = 1200 if REAL_GPU else 240
+PHASE_TIMEOUT_S = 1200 if REAL_GPU else 480
 
 
 @dataclass
