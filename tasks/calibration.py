@@ -35,7 +35,7 @@ import numpy as np
 from tasks.limits import load_npy, load_npz
 from tasks.errors import ModelError
 from tasks.shapes import SYNTHETIC_RULE, Dim, TensorInfo, default_batch_range, model_io, synthetic_inputs
-from tasks.spec import ModelSpec, Preprocess
+from tasks.spec import Calibration, ModelSpec, Preprocess
 
 log = logging.getLogger("trtflow.calibration")
 
@@ -252,6 +252,20 @@ def _resolve_single_input(spec: ModelSpec, infos: Dict[str, InputInfo], source: 
                          "name, or set calibration.input.")
 
 
+def calibration_files(folder: Optional[Path], cal: Calibration) -> List[Path]:
+    """The calibration folder's data files; empty only where ``cal.synthetic`` allows no data.
+
+    Raises:
+        ModelError: no data files and ``calibration.synthetic`` false, naming the folder.
+    """
+    files = _data_files(Path(folder)) if folder is not None and Path(folder).is_dir() else []
+    if not files and not cal.synthetic:
+        where = f"{folder}" if folder is not None else f"the package's {cal.data}/ folder"
+        raise ModelError(f"INT8 needs calibration data, and {where} has no .npy, .npz, .jpg or .png files.",
+                         fix=NO_DATA_FIX)
+    return files
+
+
 def _data_files(folder: Path) -> List[Path]:
     files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in ARRAY_SUFFIXES + IMAGE_SUFFIXES]
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
@@ -344,13 +358,9 @@ def load_calibration_data(folder: Optional[Path], spec: ModelSpec, inputs: Itera
     if not infos:
         raise ModelError("the model has no inputs to calibrate.", fix="Check the model's graph inputs.")
     cal = spec.calibration
-    files = _data_files(Path(folder)) if folder is not None and Path(folder).is_dir() else []
+    files = calibration_files(folder, cal)
     if not files:
-        if cal.synthetic:
-            return synthetic_calibration_data(spec, infos.values(), profiles)
-        where = f"{folder}" if folder is not None else f"the package's {cal.data}/ folder"
-        raise ModelError(f"INT8 needs calibration data, and {where} has no .npy, .npz, .jpg or .png files.",
-                         fix=NO_DATA_FIX)
+        return synthetic_calibration_data(spec, infos.values(), profiles)
 
     opt = _opt_shapes(spec, profiles)
     limit = cal.max_samples

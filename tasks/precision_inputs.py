@@ -56,6 +56,9 @@ def prepare(storage: Storage, *, tensorrt: str, caps: compat.Caps, target_key: O
         raise ModelError(f"calibration.mode 'calibrator' needs TensorRT's implicit INT8 calibrator, which TensorRT "
                          f"{tensorrt} no longer has.", fix="Use calibration.mode: qdq (explicit quantisation).")
     folder = package.data_dir(spec.calibration.data)
+    # Here, not only in the limited child: the default chain starts with int8, so a package without
+    # calibration data is the common case, and starting a process to find no files cost 2 s or more.
+    calibration.calibration_files(folder, spec.calibration)
     # Calibration and quantisation run under spec.limits (tasks/limits.py): huge data or a model that
     # never finishes fails this precision with a ModelError instead of hanging the worker.
     data = run_limited("calibration", calibration.load_calibration_data, folder, spec,

@@ -147,6 +147,25 @@ def test_no_data_without_synthetic_is_a_model_error_saying_how_to_fix_it(tmp_pat
     assert "calibration.synthetic: true" in str(err.value)
 
 
+def test_int8_without_data_is_refused_before_any_limited_child_starts(tmp_path, monkeypatch):
+    """The default chain starts with int8, so most packages reach this: no 2 s process start to find nothing."""
+    from tasks import precision_inputs
+    from tasks.gpu import compat
+    from tasks.package import LocalPackage
+    from tests import models
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("a limited child process was started")
+
+    monkeypatch.setattr(precision_inputs, "run_limited", no_child)
+    model = models.save(small_cnn(), tmp_path / "pkg" / "model.onnx")
+    package = LocalPackage("cnn", tmp_path / "pkg", model, "ab" * 32, "etag", 1, f"file://{model}")
+    with pytest.raises(ModelError, match="INT8 needs calibration data") as err:
+        precision_inputs.prepare(None, tensorrt="8.6.1", caps=compat.caps_for_version("8.6.1"), target_key=None,
+                                 spec=spec(), package=package, precision="int8", profiles=[], workdir=tmp_path)
+    assert err.value.fix == NO_DATA_FIX
+
+
 def test_synthetic_data_has_the_profile_opt_shape_is_seeded_and_flagged():
     profiles = [{"images": {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [8, 3, 32, 32]}}]
     a = load_calibration_data(None, spec(synthetic=True), IMAGES, profiles=profiles)
