@@ -24,6 +24,16 @@ class Prepared:
     record: dict = field(default_factory=dict)  # what the manifest says about calibration
 
 
+def _fp16_graph(package: LocalPackage, spec: ModelSpec, workdir: Path) -> Prepared:
+    from tasks.fp16 import fp16_graph_from_onnx
+
+    f16 = spec.fp16
+    out = fp16_graph_from_onnx(package.model_path, Path(workdir) / "model.fp16.onnx", keep_io_types=f16.keep_io_types,
+                               op_block_list=f16.keep_fp32_op_types, node_block_list=f16.keep_fp32_nodes,
+                               converter=f16.converter)
+    return Prepared(out.path, graph_precision="fp16", record={"fp16": out.to_record()})
+
+
 def prepare(storage: Storage, *, tensorrt: str, caps: compat.Caps, target_key: Optional[str], spec: ModelSpec,
             package: LocalPackage, precision: str, profiles: List[dict], workdir: Path) -> Prepared:
     """Make the inputs of one precision's engine build, for the target TensorRT (on the CPU pool).
@@ -39,14 +49,7 @@ def prepare(storage: Storage, *, tensorrt: str, caps: compat.Caps, target_key: O
             implicit calibrator on a TensorRT without it, a Q/DQ graph TensorRT would reject.
     """
     if precision == "fp16" and compat.fp16_graph_wanted(caps, spec.fp16.source):
-        # TensorRT 11 has no FP16 builder flag: FP16 must come from the graph itself.
-        from tasks.fp16 import fp16_graph_from_onnx
-
-        f16 = spec.fp16
-        out = fp16_graph_from_onnx(package.model_path, Path(workdir) / "model.fp16.onnx", keep_io_types=f16.keep_io_types,
-                                   op_block_list=f16.keep_fp32_op_types, node_block_list=f16.keep_fp32_nodes,
-                                   converter=f16.converter)
-        return Prepared(out.path, graph_precision="fp16", record={"fp16": out.to_record()})
+        return _fp16_graph(package, spec, workdir)  # TensorRT 11 has no FP16 flag: FP16 comes from the graph
     if precision != "int8":
         return Prepared(package.model_path)
 
