@@ -414,6 +414,14 @@ def watch_cmd(
         typer.echo(f"started {s['name']}: flow run {s['flow_run_id']}")
     if result["waiting"]:
         typer.echo("settling: " + ", ".join(result["waiting"]))
+    for name, keys in result["clashes"].items():
+        typer.echo(f"not converted {name}: {', '.join(keys)} claim the same name (see `trtflow status`)")
+    if not (result["started"] or result["waiting"] or result["clashes"]):  # silence reads as "did it run?"
+        models = f"{(bucket or default_bucket()).rstrip('/')}/models/"
+        if result["packages"]:
+            typer.echo(f"nothing to start: {result['packages']} model(s) under {models}, each converted or submitted")
+        else:
+            typer.echo(f"nothing to start: no models under {models}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class PollResult:
     waiting: List[str] = field(default_factory=list)     # still settling
     errors: List[str] = field(default_factory=list)
     clashes: Dict[str, List[str]] = field(default_factory=dict)  # name -> model keys claiming it (not converted)
+    packages: int = 0  # packages the listing found, so a quiet poll can say what it looked at
 
 
 def submit_due(storage: Storage, state: WatchState, due: List[Due], submit: Submit, now: float,
@@ -109,10 +110,11 @@ def record_clashes(storage: Storage, seen: Observation, logger: logging.Logger =
 def settle_and_submit(storage: Storage, state: WatchState, settle_seconds: float, submit: Submit, now: float,
                       logger: logging.Logger = log) -> PollResult:
     """List ``models/`` (the one listing of this poll), fold it into ``state``, record clashes, start due runs."""
-    seen = observe(state, storage.uri, list_packages(storage), now, settle_seconds)
+    packages = list_packages(storage)
+    seen = observe(state, storage.uri, packages, now, settle_seconds)
     record_clashes(storage, seen, logger)
     result = submit_due(storage, state, seen.due, submit, now, logger)
-    result.clashes = dict(state.clashes)
+    result.clashes, result.packages = dict(state.clashes), len(packages)
     return result
 
 

@@ -214,3 +214,20 @@ def test_an_unreachable_prefect_api_is_named_with_its_url_and_the_fix(tmp_path):
     assert proc.returncode != 0
     assert "lost the Prefect API at http://127.0.0.1:9/api" in out, out[-2000:]
     assert "PREFECT_API_URL" in out and "Run again with -v" not in out
+
+
+def test_a_quiet_watch_says_what_it_looked_at(prefect_harness, tmp_path, monkeypatch):
+    """A poll that starts nothing says so (it printed nothing, which reads as "did it run?")."""
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    empty = tmp_path / "empty"
+    (empty / "models").mkdir(parents=True)
+    result = _run("watch", "--bucket", str(empty))
+    assert result.exit_code == 0, result.output
+    assert f"nothing to start: no models under {empty}/models/" in result.output
+
+    bucket = tmp_path / "bucket"
+    models.save(models.small_cnn(), bucket / "models" / "cnn.onnx")
+    result = _run("watch", "--bucket", str(bucket), "--settle-seconds", "3600")  # seen, not settled
+    assert result.exit_code == 0 and "settling: cnn" in result.output and "nothing" not in result.output, result.output
