@@ -265,10 +265,7 @@ def up(opts: StackOptions, progress: Callable[[str], None] = _say_nothing) -> St
             info.gpus, info.gpu_note = list(gpus), note
 
             host = socket.gethostname()
-            worker_env = dict(base_env, PREFECT_API_URL=api_url, TRTFLOW_BUCKET=bucket)
-            # Prefect's workers ask for new runs every 10 s; a drop passes two of them (convert-model on
-            # cpu, build-engine on gpu) plus each watch poll's run, so the local stack asks every 2 s
-            worker_env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
+            worker_env = with_worker_defaults(dict(base_env, PREFECT_API_URL=api_url, TRTFLOW_BUCKET=bucket))
             expected: Dict[str, List[str]] = {"cpu": [f"cpu-{host}"], "gpu": []}
             procs.append(spawn("worker-cpu", prefect_command() + ["worker", "start", "--pool", "cpu", "--type",
                                                                      "process", "--name", f"cpu-{host}"],
@@ -287,6 +284,20 @@ def up(opts: StackOptions, progress: Callable[[str], None] = _say_nothing) -> St
     info.save()
     log.info("trtflow is up: UI %s, bucket %s", info.ui_url, bucket)
     return info
+
+
+def with_worker_defaults(env: dict) -> dict:
+    """``env`` plus the local stack's worker settings, where the user has not set them."""
+    env = dict(env)
+    # Prefect's workers ask for new runs every 10 s; a drop passes two of them (convert-model on
+    # cpu, build-engine on gpu) plus each watch poll's run, so the local stack asks every 2 s
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
+    # The local server's SQLite answers 503 ("database is locked") while many runs write at once;
+    # Prefect's client retries 5 times (2..32 s back-off, ~1 min) and then a worker marks the run
+    # Crashed (seen with 6 conversions on 3 GPU workers, 2 cores). 8 retries wait out ~8 minutes of
+    # contention: a slow run, not a crashed one. The workers' flow runs inherit it.
+    env.setdefault("PREFECT_CLIENT_MAX_RETRIES", "8")
+    return env
 
 
 def _spawn_gpu_worker(gpu: str, worker_env: dict, logs: Path, code_dir: Path, procs: List[Proc]) -> Proc:
@@ -315,7 +326,7 @@ def add_gpu_worker(state_dir: Path, gpu: str, timeout_s: float = 120.0) -> Proc:
     env = dict(os.environ, PREFECT_HOME=str(state / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_URL=info.api_url, TRTFLOW_BUCKET=info.bucket)
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = _spawn_gpu_worker(str(gpu), env, state / "logs", PROJECT_ROOT, info.processes)
+    proc = _spawn_gpu_worker(str(gpu), with_worker_defaults(env), state / "logs", PROJECT_ROOT, info.processes)
     info.processes.append(proc)
     info.save()
     with temporary_settings({PREFECT_API_URL: info.api_url}):

@@ -137,3 +137,9 @@ def test_gpu_workers_are_named_only_by_the_indices_nvidia_smi_prints(tmp_path, m
     assert ids == ["0", "1"] and why.endswith("(2 GPU(s))")
     smi.write_text("#!/bin/sh\necho 'No devices were found'\n")
     assert stack.detect_gpus(tmp_path / "work")[0] == ["0"]
+
+
+def test_worker_defaults_fill_in_and_never_override_the_users_settings():
+    env = stack.with_worker_defaults({"PREFECT_CLIENT_MAX_RETRIES": "3"})
+    assert env == {"PREFECT_CLIENT_MAX_RETRIES": "3", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    assert int(stack.with_worker_defaults({})["PREFECT_CLIENT_MAX_RETRIES"]) > 5  # Prefect's own default
