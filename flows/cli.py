@@ -404,9 +404,11 @@ def watch_cmd(
     quiet_prefect(verbose)
     os.environ["PREFECT_API_URL"] = api_url
     from flows.watch import watch_bucket
+    from tasks.package import MODELS_PREFIX
 
+    uri = bucket or default_bucket()
     try:
-        result = watch_bucket(bucket or default_bucket(), settle_seconds)
+        result = watch_bucket(uri, settle_seconds)
     except Exception as err:  # noqa: BLE001
         fail(err, verbose)
         return
@@ -417,7 +419,7 @@ def watch_cmd(
     for name, keys in result["clashes"].items():
         typer.echo(f"not converted {name}: {', '.join(keys)} claim the same name (see `trtflow status`)")
     if not (result["started"] or result["waiting"] or result["clashes"]):  # silence reads as "did it run?"
-        models = f"{(bucket or default_bucket()).rstrip('/')}/models/"
+        models = f"{uri.rstrip('/')}/{MODELS_PREFIX}"
         if result["packages"]:
             typer.echo(f"nothing to start: {result['packages']} model(s) under {models}, each converted or submitted")
         else:
